@@ -1,0 +1,165 @@
+"""From a seqio Task or Mixture to numpy batches: what the trainer calls.
+
+Usage:
+    batches = get_batches("t5lite_default_span_corruption", split="train",
+                          task_feature_lengths={"inputs": 512, "targets": 114},
+                          model_type="encoder_decoder", batch_size=8, shuffle=True, seed=0)
+    batch = next(batches)  # {"encoder_input_tokens": int32 [8, 512], ...}
+"""
+
+import difflib
+import itertools
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5lite.data import tasks  # noqa: F401  (registers the embedded-corpus tasks)
+from t5lite.errors import UserError
+
+# model_type -> seqio feature converter. Output features, all int32 [batch, length]:
+#   encoder_decoder: encoder_input_tokens, encoder_segment_ids, encoder_positions (inputs
+#                    length); decoder_{target_tokens,input_tokens,loss_weights,segment_ids,
+#                    positions} (targets length)
+#   decoder_only:    decoder_* as above (targets length)
+#   prefix_lm:       decoder_* and decoder_causal_attention (inputs + targets length)
+# (*_segment_ids and *_positions only when packing.)
+FEATURE_CONVERTERS: dict[str, type[seqio.FeatureConverter]] = {
+    "encoder_decoder": seqio.EncDecFeatureConverter,
+    "decoder_only": seqio.LMFeatureConverter,
+    "prefix_lm": seqio.PrefixLMFeatureConverter,
+}
+
+
+def get_batches(
+    mixture_or_task_name: str,
+    *,
+    split: str,
+    task_feature_lengths: Mapping[str, int],
+    model_type: str,
+    batch_size: int,
+    shuffle: bool,
+    seed: int | None,
+    num_epochs: int | None = None,
+    pack: bool = True,
+    shard_info: seqio.ShardInfo | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of model features for this host.
+
+    Args:
+      mixture_or_task_name: a registered seqio Task or Mixture.
+      split: e.g. "train", "validation".
+      task_feature_lengths: task feature -> length, e.g. {"inputs": 512, "targets": 114};
+        keys "inputs"+"targets" (encoder_decoder, prefix_lm) or "targets" (decoder_only).
+      model_type: "encoder_decoder", "decoder_only" or "prefix_lm" (see FEATURE_CONVERTERS).
+      batch_size: examples per batch on this host; a last partial batch is dropped.
+      shuffle: shuffle documents and examples (training).
+      seed: makes shuffling, mixing and the objectives' randomness reproducible; None draws
+        fresh randomness on every call.
+      num_epochs: passes over the data; None repeats forever.
+      pack: pack several examples per row (segment ids and positions mark them).
+      shard_info: this host's shard; hosts get disjoint examples.
+
+    Returns:
+      An iterator of {feature: int32 [batch_size, length]}. The first batch is built
+      eagerly, so a bad name, split or length fails here, not at the first next().
+    """
+    provider = _get_provider(mixture_or_task_name)
+    _check_split(provider, split)
+    feature_converter = _feature_converter(model_type, pack)
+    _check_feature_lengths(provider, model_type, feature_converter, task_feature_lengths)
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}.")
+    if shard_info and shard_info.num_shards > 1 and shuffle and seed is None:
+        raise UserError(
+            "Sharded shuffling needs a seed: every host must shuffle the same way for the "
+            "shards to be disjoint. Pass seed=<int>."
+        )
+    dataset = seqio.get_dataset(
+        provider,
+        task_feature_lengths=dict(task_feature_lengths),
+        feature_converter=feature_converter,
+        dataset_split=split,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        shard_info=shard_info,
+        seed=seed,
+        batch_size=batch_size,  # seqio batches with drop_remainder=True
+        verbose=False,
+    )
+    batches = dataset.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    first_batch = next(batches, None)
+    if first_batch is None:
+        raise UserError(
+            f"{mixture_or_task_name!r} split {split!r} produced no batch of {batch_size} "
+            f"examples (lengths {dict(task_feature_lengths)}, shard {shard_info}): the split "
+            "is empty or smaller than one batch. Lower batch_size or check the data."
+        )
+    return itertools.chain([first_batch], batches)
+
+
+def list_tasks_of(mixture_or_task_name: str) -> list[str]:
+    """Names of the Tasks in a Mixture (sorted), or [name] for a Task."""
+    provider = _get_provider(mixture_or_task_name)
+    if isinstance(provider, seqio.Mixture):
+        return [task.name for task in provider.tasks]
+    return [provider.name]
+
+
+def _get_provider(name: str) -> seqio.Task | seqio.Mixture:
+    """The registered Mixture or Task called name; a mixture wins a name clash, as in seqio."""
+    if name in seqio.MixtureRegistry.names():
+        return seqio.MixtureRegistry.get(name)
+    if name in seqio.TaskRegistry.names():
+        return seqio.TaskRegistry.get(name)
+    known = sorted({*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()})
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f"Did you mean: {', '.join(close)}?" if close else f"Registered: {', '.join(known)}."
+    raise UserError(
+        f"Unknown seqio Task or Mixture {name!r}. {hint} "
+        "(A task defined in your own module must be imported first, e.g. from the gin file.)"
+    )
+
+
+def _check_split(provider: seqio.Task | seqio.Mixture, split: str) -> None:
+    """A Task must have the split; so must every Task of a Mixture (seqio would skip it)."""
+    tasks_of = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    lacking = [task.name for task in tasks_of if split not in task.splits]
+    if lacking:
+        available = sorted(set.intersection(*(set(task.splits) for task in tasks_of)))
+        raise UserError(
+            f"{provider.name!r}: split {split!r} is missing from {', '.join(lacking)}. "
+            f"Available splits: {', '.join(available)}."
+        )
+
+
+def _feature_converter(model_type: str, pack: bool) -> seqio.FeatureConverter:
+    if model_type not in FEATURE_CONVERTERS:
+        raise UserError(f"Unknown model_type {model_type!r}; choose one of {sorted(FEATURE_CONVERTERS)}.")
+    return FEATURE_CONVERTERS[model_type](pack=pack)
+
+
+def _check_feature_lengths(
+    provider: seqio.Task | seqio.Mixture,
+    model_type: str,
+    feature_converter: seqio.FeatureConverter,
+    task_feature_lengths: Mapping[str, int],
+) -> None:
+    """task_feature_lengths must name exactly the converter's features, which the task has."""
+    needed = sorted(feature_converter.TASK_FEATURES)
+    if sorted(task_feature_lengths) != needed:
+        raise UserError(
+            f"model_type {model_type!r} takes task_feature_lengths with keys {needed}, got "
+            f"{sorted(task_feature_lengths)}."
+        )
+    missing = sorted(set(needed) - set(provider.output_features))
+    if missing:
+        raise UserError(
+            f"{provider.name!r} has features {sorted(provider.output_features)}, but model_type "
+            f"{model_type!r} needs {needed}. Use a task with {missing} or another model_type "
+            "(decoder_only for targets-only tasks)."
+        )
+    too_short = {key: length for key, length in task_feature_lengths.items() if length < 1}
+    if too_short:
+        raise UserError(f"task_feature_lengths must be positive, got {too_short}.")

@@ -1,0 +1,85 @@
+"""Command-line gin handling shared by the entry points.
+
+    --gin_file=PATH           (repeatable; later files override earlier ones)
+    --gin.NAME=VALUE          (repeatable; a binding or macro, applied after all files)
+    --gin_search_paths=A,B    (where `include` and --gin_file look, besides cwd and gin/)
+
+Gin errors (a typo in a binding, an unknown configurable, a missing file) are turned into a
+GinConfigError that names the problem, instead of a deep traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from typing import Sequence
+
+import gin
+
+from t5lite.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# gin/ first: gin logs an error line for every search path an `include` misses.
+DEFAULT_SEARCH_PATHS = (os.path.join(REPO_ROOT, "gin"), ".", REPO_ROOT)
+
+
+class GinConfigError(UserError):
+    """A user error in gin files or bindings."""
+
+
+def parse_args(argv: Sequence[str], description: str) -> tuple[argparse.Namespace, list[str]]:
+    """Splits argv into known flags and `--gin.NAME=VALUE` bindings ("NAME = VALUE")."""
+    bindings, rest = [], []
+    for arg in argv:
+        if arg.startswith("--gin."):
+            name, sep, value = arg[len("--gin."):].partition("=")
+            if not sep:
+                raise GinConfigError(f"{arg!r}: write --gin.NAME=VALUE, e.g. --gin.MODEL_DIR=\\\"runs/x\\\".")
+            bindings.append(f"{name} = {value}")
+        else:
+            rest.append(arg)
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    parser.add_argument("--gin_search_paths", default="", help="comma-separated include directories")
+    args = parser.parse_args(rest)
+    return args, bindings
+
+
+def _resolve(path: str, search_paths: Sequence[str]) -> str:
+    for base in search_paths:
+        candidate = os.path.join(base, path)
+        if os.path.isfile(candidate):
+            return candidate
+    raise GinConfigError(f"gin file {path!r} not found in {list(search_paths)}.")
+
+
+def _configurable_names() -> list[str]:
+    """Every registered configurable, by short name and by module-qualified name."""
+    selectors = [name for name, _ in gin.config._REGISTRY.items()]  # noqa: SLF001  (no public listing)
+    return sorted({s.rsplit(".", 1)[-1] for s in selectors} | set(selectors))
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
+    """Parses files then bindings, finalizes the config; raises GinConfigError on user errors."""
+    paths = [*search_paths, *DEFAULT_SEARCH_PATHS]
+    for p in paths:
+        gin.add_config_file_search_path(p)
+    if not gin_files:
+        raise GinConfigError("No --gin_file given; start from --gin_file=gin/base.gin.")
+    try:
+        gin.parse_config_files_and_bindings([_resolve(f, paths) for f in gin_files], bindings)
+    except (ValueError, KeyError, OSError, SyntaxError, ImportError) as e:
+        raise GinConfigError(_explain(e)) from e
+
+
+def _explain(error: Exception) -> str:
+    message = str(error).strip()
+    hint = ""
+    # gin says e.g. "No configurable matching 'trian'." -> suggest registered names.
+    if "No configurable matching" in message:
+        wanted = message.split("'")[1] if "'" in message else ""
+        close = difflib.get_close_matches(wanted, _configurable_names(), n=3)
+        if close:
+            hint = f" Did you mean: {', '.join(close)}?"
+    return f"gin configuration error: {message}{hint}"

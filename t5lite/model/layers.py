@@ -1,0 +1,217 @@
+"""Building blocks of a T5 v1.1 Transformer, each parameter annotated with logical axis names.
+
+Logical axes used here: batch, length, embed, mlp, heads, kv, vocab, relpos_buckets (and
+"layers", added by nn.scan in network.py). Mesh axes are never named in model code.
+Parameters are float32; matmuls run in the configured compute dtype; norms, softmax and
+attention biases are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# Added to attention logits where attention is not allowed: large but finite, so a fully
+# masked row (a padding query) gives a uniform softmax instead of NaN.
+MASK_VALUE = -1e10
+
+
+def logical_param(
+    module: nn.Module, name: str, init: Initializer, shape: Sequence[int], axes: Sequence[str]
+) -> Array:
+    """A float32 parameter carrying logical axis names (one name per dimension)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"{name}: {len(shape)} dims but axes {axes}")
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
+
+
+def constrain(x: Array, axes: Sequence[str]) -> Array:
+    """Shards an activation by logical axes (a no-op outside a mesh / axis-rules context)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: scale only, no bias, no mean subtraction; computed in float32."""
+
+    dtype: jnp.dtype = jnp.float32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+        return (x32 * jax.lax.rsqrt(variance + self.epsilon) * scale).astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table [vocab, embed]; `attend` gives tied output logits."""
+
+    num_embeddings: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = logical_param(
+            self, "embedding", nn.initializers.normal(stddev=1.0),
+            (self.num_embeddings, self.features), ("vocab", "embed"),
+        )
+
+    def __call__(self, tokens: Array) -> Array:
+        """[batch, length] int -> [batch, length, embed]."""
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """[batch, length, embed] -> [batch, length, vocab]."""
+        return jnp.einsum("ble,ve->blv", x, self.embedding.astype(self.dtype))
+
+
+class MultiHeadAttention(nn.Module):
+    """T5 attention: no 1/sqrt(head_dim) on the logits (folded into the query init), no biases.
+
+    `bias` [batch|1, heads|1, q_len, k_len] (float32) carries both the relative position bias and
+    the mask (MASK_VALUE where not allowed); it is built once per stack by the caller.
+    """
+
+    num_heads: int
+    head_dim: int
+    dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, deterministic: bool) -> Array:
+        emb = inputs_q.shape[-1]
+        h, d = self.num_heads, self.head_dim
+        fan_in_emb = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2))
+        # Scaling the query init by 1/sqrt(head_dim) replaces the usual logit scaling (T5 / Mesh TF).
+        query_init = lambda *a: fan_in_emb(*a) / np.sqrt(d)  # noqa: E731
+        wq = logical_param(self, "query", query_init, (emb, h, d), ("embed", "heads", "kv"))
+        wk = logical_param(self, "key", fan_in_emb, (emb, h, d), ("embed", "heads", "kv"))
+        wv = logical_param(self, "value", fan_in_emb, (emb, h, d), ("embed", "heads", "kv"))
+        out_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
+        wo = logical_param(self, "out", out_init, (h, d, emb), ("heads", "kv", "embed"))
+
+        dt = self.dtype
+        q = jnp.einsum("bqe,ehd->bqhd", inputs_q.astype(dt), wq.astype(dt))
+        k = jnp.einsum("bke,ehd->bkhd", inputs_kv.astype(dt), wk.astype(dt))
+        v = jnp.einsum("bke,ehd->bkhd", inputs_kv.astype(dt), wv.astype(dt))
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        k = constrain(k, ("batch", "length", "heads", "kv"))
+        v = constrain(v, ("batch", "length", "heads", "kv"))
+
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
+        weights = jax.nn.softmax(logits, axis=-1).astype(dt)
+        if not deterministic and self.dropout_rate > 0.0:
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+        context = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = jnp.einsum("bqhd,hde->bqe", context, wo.astype(dt))
+        return constrain(out, ("batch", "length", "embed"))
+
+
+class GatedMlp(nn.Module):
+    """T5 v1.1 gated-GELU feed-forward: wo(gelu(x wi_0) * (x wi_1)), no biases."""
+
+    mlp_dim: int
+    dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        emb = x.shape[-1]
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        wi_0 = logical_param(self, "wi_0", init, (emb, self.mlp_dim), ("embed", "mlp"))
+        wi_1 = logical_param(self, "wi_1", init, (emb, self.mlp_dim), ("embed", "mlp"))
+        wo = logical_param(self, "wo", init, (self.mlp_dim, emb), ("mlp", "embed"))
+        dt = self.dtype
+        x = x.astype(dt)
+        gate = jax.nn.gelu(jnp.einsum("ble,em->blm", x, wi_0.astype(dt)), approximate=True)
+        hidden = gate * jnp.einsum("ble,em->blm", x, wi_1.astype(dt))
+        hidden = constrain(hidden, ("batch", "length", "mlp"))
+        # Dropout on the hidden units, broadcast over length as in T5X.
+        hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
+        out = jnp.einsum("blm,me->ble", hidden, wo.astype(dt))
+        return constrain(out, ("batch", "length", "embed"))
+
+
+def relative_position_bucket(
+    relative_position: np.ndarray, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """T5's bucketing of (key_position - query_position) into `num_buckets` ids.
+
+    Half the buckets (per direction, if bidirectional) hold exact small distances; the rest grow
+    logarithmically up to `max_distance`, beyond which all distances share the last bucket.
+    Causal (not bidirectional) maps every future position (relative_position > 0) to bucket 0.
+    """
+    ret = np.zeros_like(relative_position, dtype=np.int32)
+    n = -np.asarray(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        ret += (n < 0).astype(np.int32) * num_buckets
+        n = np.abs(n)
+    else:
+        n = np.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # np.maximum(n, 1) only keeps log() finite where the small branch is taken anyway.
+    val_if_large = max_exact + (
+        np.log(np.maximum(n, 1) / max_exact) / np.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(np.int32)
+    val_if_large = np.minimum(val_if_large, num_buckets - 1)
+    return ret + np.where(is_small, n, val_if_large).astype(np.int32)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned per-head bias indexed by relative-position bucket; one table per stack."""
+
+    num_heads: int
+    bidirectional: bool
+    num_buckets: int = 32
+    max_distance: int = 128
+
+    @nn.compact
+    def __call__(self, q_len: int, k_len: int, q_offset: int = 0) -> Array:
+        """-> [1, heads, q_len, k_len] float32 bias for queries at positions q_offset + arange(q_len).
+
+        Positions are those inside a packed segment: tokens of a segment are contiguous, so
+        relative positions within a segment equal arange differences and one table serves all
+        examples; cross-segment pairs are masked by the caller.
+        """
+        q_pos = np.arange(q_len, dtype=np.int32)[:, None] + q_offset
+        k_pos = np.arange(k_len, dtype=np.int32)[None, :]
+        buckets = relative_position_bucket(
+            k_pos - q_pos, bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets, max_distance=self.max_distance,
+        )
+        table = logical_param(
+            self, "rel_embedding",
+            nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+            (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"),
+        )
+        return jnp.take(table, jnp.asarray(buckets), axis=1)[None]
+
+
+def attention_mask_bias(
+    q_segment_ids: Array, k_segment_ids: Array, *, causal: bool = False, prefix: Array | None = None
+) -> Array:
+    """Additive mask [batch, 1, q, k]: 0 where allowed, MASK_VALUE elsewhere (float32).
+
+    Segment id 0 marks padding. Queries attend only to keys of their own (non-padding) segment,
+    so packed examples never see each other. `causal` hides later keys; `prefix` [batch, q]
+    (1 on the prefix-LM inputs) lets prefix positions see each other both ways.
+    """
+    allowed = (q_segment_ids[:, :, None] == k_segment_ids[:, None, :]) & (k_segment_ids[:, None, :] != 0)
+    if causal:
+        q_len, k_len = q_segment_ids.shape[1], k_segment_ids.shape[1]
+        visible = jnp.arange(k_len)[None, None, :] <= jnp.arange(q_len)[None, :, None]
+        if prefix is not None:
+            prefix = prefix.astype(bool)
+            visible = visible | (prefix[:, :, None] & prefix[:, None, :])
+        allowed = allowed & visible
+    return jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]

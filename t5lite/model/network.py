@@ -1,0 +1,243 @@
+"""The T5 v1.1 Transformer: encoder-decoder and decoder-only networks built from layers.py.
+
+Per stack, one relative-position bias table and one combined [batch, heads, q, k] bias (position
+bias + segment/causal mask) are built once and broadcast to every layer. Layers are stacked with
+nn.scan (parameters get a leading "layers" axis) unless `scan_layers=False`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5lite.model.config import TransformerConfig
+from t5lite.model.layers import (
+    Embed,
+    GatedMlp,
+    MultiHeadAttention,
+    RelativePositionBias,
+    RMSNorm,
+    attention_mask_bias,
+    constrain,
+    logical_param,
+)
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    # Save the weight-matmul outputs (no batch dims in their dot_general), recompute the rest.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _dropout(cfg: TransformerConfig, x: Array, deterministic: bool) -> Array:
+    # Broadcast over length, as T5X does for residual-stream dropout.
+    return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+class EncoderLayer(nn.Module):
+    config: TransformerConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Array) -> tuple[Array, None]:
+        cfg, dt = self.config, self.config.compute_dtype
+        h = RMSNorm(dtype=dt, name="pre_attention_layer_norm")(x)
+        h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, name="attention")(
+            h, h, bias, self.deterministic
+        )
+        x = x + _dropout(cfg, h, self.deterministic)
+        h = RMSNorm(dtype=dt, name="pre_mlp_layer_norm")(x)
+        h = GatedMlp(cfg.mlp_dim, dt, cfg.dropout_rate, name="mlp")(h, self.deterministic)
+        x = x + _dropout(cfg, h, self.deterministic)
+        return constrain(x, ("batch", "length", "embed")), None
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention, then cross-attention when `encoded` is given, then the MLP."""
+
+    config: TransformerConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(
+        self, x: Array, self_bias: Array, encoded: Array | None, cross_bias: Array | None
+    ) -> tuple[Array, None]:
+        cfg, dt = self.config, self.config.compute_dtype
+        h = RMSNorm(dtype=dt, name="pre_self_attention_layer_norm")(x)
+        h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, name="self_attention")(
+            h, h, self_bias, self.deterministic
+        )
+        x = x + _dropout(cfg, h, self.deterministic)
+        if encoded is not None:
+            h = RMSNorm(dtype=dt, name="pre_cross_attention_layer_norm")(x)
+            h = MultiHeadAttention(
+                cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, name="encoder_decoder_attention"
+            )(h, encoded, cross_bias, self.deterministic)
+            x = x + _dropout(cfg, h, self.deterministic)
+        h = RMSNorm(dtype=dt, name="pre_mlp_layer_norm")(x)
+        h = GatedMlp(cfg.mlp_dim, dt, cfg.dropout_rate, name="mlp")(h, self.deterministic)
+        x = x + _dropout(cfg, h, self.deterministic)
+        return constrain(x, ("batch", "length", "embed")), None
+
+
+def run_layers(
+    layer_cls: type[nn.Module], cfg: TransformerConfig, num_layers: int, deterministic: bool,
+    x: Array, *broadcast_args,
+) -> Array:
+    """Applies `num_layers` copies of `layer_cls` (scanned or unrolled, optionally rematted).
+
+    Must be called from inside a compact method: the layers become submodules "layers"
+    (scanned, params [layers, ...]) or "layers_0".."layers_{n-1}" (unrolled).
+    """
+    if cfg.remat_policy != "none":
+        # prevent_cse is unneeded (and slower) inside scan, which already blocks CSE.
+        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy],
+                             prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        stack = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(broadcast_args),
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, deterministic, name="layers")
+        x, _ = stack(x, *broadcast_args)
+        return x
+    for i in range(num_layers):
+        x, _ = layer_cls(cfg, deterministic, name=f"layers_{i}")(x, *broadcast_args)
+    return x
+
+
+class Encoder(nn.Module):
+    config: TransformerConfig
+    embedder: Embed
+
+    @nn.compact
+    def __call__(self, tokens: Array, segment_ids: Array, deterministic: bool) -> Array:
+        """tokens, segment_ids [batch, length] -> encoded [batch, length, embed]."""
+        cfg = self.config
+        x = _dropout(cfg, self.embedder(tokens), deterministic)
+        x = constrain(x, ("batch", "length", "embed"))
+        length = tokens.shape[1]
+        relpos = RelativePositionBias(
+            cfg.num_heads, bidirectional=True, num_buckets=cfg.relpos_num_buckets,
+            max_distance=cfg.relpos_max_distance, name="relpos_bias",
+        )(length, length)
+        bias = relpos + attention_mask_bias(segment_ids, segment_ids)  # [batch, heads, q, k]
+        x = run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, deterministic, x, bias)
+        x = RMSNorm(dtype=cfg.compute_dtype, name="encoder_norm")(x)
+        return _dropout(cfg, x, deterministic)
+
+
+class Decoder(nn.Module):
+    """Causal decoder; with `encoded` it cross-attends (T5), without it is a decoder-only LM."""
+
+    config: TransformerConfig
+    embedder: Embed
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        segment_ids: Array,
+        deterministic: bool,
+        encoded: Array | None = None,
+        encoder_segment_ids: Array | None = None,
+        causal_attention: Array | None = None,
+    ) -> Array:
+        """tokens, segment_ids [batch, length] -> logits [batch, length, vocab] (float32).
+
+        causal_attention [batch, length]: 1 on prefix-LM inputs (bidirectional among themselves).
+        """
+        cfg = self.config
+        x = _dropout(cfg, self.embedder(tokens), deterministic)
+        x = constrain(x, ("batch", "length", "embed"))
+        length = tokens.shape[1]
+        relpos = RelativePositionBias(
+            cfg.num_heads, bidirectional=False, num_buckets=cfg.relpos_num_buckets,
+            max_distance=cfg.relpos_max_distance, name="relpos_bias",
+        )(length, length)
+        self_bias = relpos + attention_mask_bias(segment_ids, segment_ids, causal=True, prefix=causal_attention)
+        cross_bias = None
+        if encoded is not None:
+            cross_bias = attention_mask_bias(segment_ids, encoder_segment_ids)  # [batch, 1, q, k]
+        x = run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, x, self_bias, encoded, cross_bias)
+        x = RMSNorm(dtype=cfg.compute_dtype, name="decoder_norm")(x)
+        x = _dropout(cfg, x, deterministic)
+        return self._logits(x)
+
+    def _logits(self, x: Array) -> Array:
+        cfg = self.config
+        if cfg.tie_embeddings:
+            # Tied logits are rescaled so their size does not grow with emb_dim (T5 v1.0).
+            logits = self.embedder.attend(x) / np.sqrt(cfg.emb_dim)
+        else:
+            kernel = logical_param(
+                self, "logits_dense",
+                nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                (cfg.emb_dim, cfg.vocab_size), ("embed", "vocab"),
+            )
+            logits = jnp.einsum("ble,ev->blv", x, kernel.astype(cfg.compute_dtype))
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+class EncoderDecoder(nn.Module):
+    """T5: a shared token embedding, a bidirectional encoder and a cross-attending decoder."""
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.compute_dtype)
+        self.encoder = Encoder(cfg, self.token_embedder)
+        self.decoder = Decoder(cfg, self.token_embedder)
+
+    def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array, deterministic: bool = True) -> Array:
+        return self.encoder(encoder_input_tokens, encoder_segment_ids, deterministic)
+
+    def __call__(
+        self,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        encoder_segment_ids: Array,
+        decoder_segment_ids: Array,
+        deterministic: bool = True,
+    ) -> Array:
+        """-> logits [batch, target_length, vocab] (float32)."""
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, deterministic)
+        return self.decoder(
+            decoder_input_tokens, decoder_segment_ids, deterministic,
+            encoded=encoded, encoder_segment_ids=encoder_segment_ids,
+        )
+
+
+class DecoderOnly(nn.Module):
+    """Causal LM (or prefix LM when `decoder_causal_attention` marks the prefix)."""
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.compute_dtype)
+        self.decoder = Decoder(cfg, self.token_embedder)
+
+    def __call__(
+        self,
+        decoder_input_tokens: Array,
+        decoder_segment_ids: Array,
+        decoder_causal_attention: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """-> logits [batch, length, vocab] (float32)."""
+        return self.decoder(
+            decoder_input_tokens, decoder_segment_ids, deterministic, causal_attention=decoder_causal_attention
+        )
+
+
+def build_network(config: TransformerConfig) -> nn.Module:
+    return EncoderDecoder(config) if config.is_encoder_decoder else DecoderOnly(config)

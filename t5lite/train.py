@@ -1,0 +1,307 @@
+"""Pretrain a t5lite model.
+
+    python -m t5lite.train --gin_file=gin/base.gin [--gin_file=...] [--gin.NAME=VALUE ...]
+
+train() reads top to bottom: output directory, mesh, data, model, optimizer, state (fresh or
+resumed), loop (progress, TensorBoard, checkpoints, periodic eval), final checkpoint and eval.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":
+    # `python -m t5lite.train` runs this file as __main__; hand over to the importable module
+    # before anything is defined, so gin registers `train` once (not also as `__main__.train`).
+    import sys
+
+    from t5lite import train as _train_module
+
+    sys.exit(_train_module.main())
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterator, Mapping, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+
+from t5lite import checkpoints, gin_cli, partitioning, trainer
+from t5lite.errors import UserError
+from t5lite.model.config import TransformerConfig
+from t5lite.model.models import Model, normalize_metric_sums
+from t5lite.optim import make_optimizer
+from t5lite.summaries import MetricsWriter, format_duration, progress_line
+
+
+def ensure_writable_dir(path: str) -> str:
+    """Creates `path` and proves it writable before any compute is spent."""
+    path = os.path.abspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(
+            f"MODEL_DIR {path!r} is not writable ({e.strerror}). Choose another directory with "
+            "--gin.MODEL_DIR=\\\"path\\\"."
+        ) from e
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    model_dir: str
+    step: int
+    eval_results: dict[str, dict[str, float]]  # task -> metric -> value, at the final step
+
+
+def write_operative_config(model_dir: str) -> None:
+    """MODEL_DIR/operative_config.gin: every parameter value the run has used, defaults included."""
+    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
+
+
+def data_model_type(config: TransformerConfig, prefix_lm: bool) -> str:
+    if config.is_encoder_decoder:
+        return "encoder_decoder"
+    return "prefix_lm" if prefix_lm else "decoder_only"
+
+
+def write_model_info(path: str, config: TransformerConfig, rows: Sequence[Mapping[str, Any]], mesh, rules) -> int:
+    """Writes MODEL_DIR/model-info.txt (config, parameter table with shardings); returns #params."""
+    total = sum(int(np.prod(r["shape"])) for r in rows)
+    with open(path, "w") as f:
+        f.write(f"{config}\n\nparameters: {total:,}\nmesh: {dict(mesh.shape)}\nrules: {rules}\n\n")
+        f.write(f"{'name':70s} {'shape':22s} {'logical axes':40s} {'mesh axes':28s} bytes/device\n")
+        for r in rows:
+            f.write(f"{r['name']:70s} {str(r['shape']):22s} {str(r['logical_axes']):40s} "
+                    f"{str(r['mesh_axes']):28s} {r['bytes_per_device']:,}\n")
+    return total
+
+
+def load_eval_batches(task_names: Sequence[str], *, split: str, max_batches: int, **batch_kwargs) -> dict[str, list]:
+    """The first `max_batches` batches of `split` of each eval task, read once and kept in memory."""
+    from t5lite.data import pipeline  # noqa: PLC0415  (keeps `import t5lite.train` light)
+
+    out = {}
+    for name in task_names:
+        it = pipeline.get_batches(name, split=split, shuffle=False, num_epochs=1, **batch_kwargs)
+        out[name] = [b for _, b in zip(range(max_batches), it)]
+    return out
+
+
+def evaluate(eval_step, params, eval_batches: Mapping[str, list], mesh) -> dict[str, dict[str, float]]:
+    """Teacher-forced loss / accuracy / perplexity per eval task."""
+    results = {}
+    for name, batches in eval_batches.items():
+        sums = None
+        for batch in batches:
+            s = eval_step(params, partitioning.shard_batch(batch, mesh))
+            sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
+        results[name] = {k: float(v) for k, v in normalize_metric_sums(sums).items()}
+    return results
+
+
+def count_real_tokens(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
+    """(non-padding tokens, all token slots) of the model's input and target features."""
+    keys = [k for k in ("encoder_input_tokens", "decoder_target_tokens") if k in batch]
+    return (int(sum(np.count_nonzero(batch[k]) for k in keys)), int(sum(batch[k].size for k in keys)))
+
+
+@gin.configurable
+def train(
+    *,
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: str = "t5lite_default_span_corruption",
+    eval_mixture_or_task_name: str | None = None,
+    eval_split: str = "validation",
+    task_feature_lengths: Mapping[str, int] = {"inputs": 128, "targets": 32},  # noqa: B006
+    batch_size: int = 16,
+    num_train_steps: int = 1000,
+    num_microbatches: int = 1,
+    prefix_lm: bool = False,
+    seed: int = 0,
+    partitioning_preset: str = "dp",
+    label_smoothing: float = 0.0,
+    z_loss: float = 1e-4,
+    log_every: int = 10,
+    eval_every: int = 200,
+    eval_batches: int = 8,
+    checkpoint_every: int = 200,
+    keep_checkpoints: int = 3,
+) -> TrainResult:
+    """Trains for `num_train_steps` (resuming from MODEL_DIR's latest checkpoint); returns the final eval.
+
+    batch_size is the global batch (all hosts); eval runs every `eval_every` steps on the first
+    `eval_batches` batches of `eval_split` of each task of the eval mixture (default: the train
+    mixture).
+    """
+    from t5lite.data import pipeline  # noqa: PLC0415  (registers the tasks)
+
+    # --- Output directory --------------------------------------------------------------------
+    model_dir = ensure_writable_dir(model_dir)
+    is_chief = jax.process_index() == 0
+
+    # --- Mesh ----------------------------------------------------------------------------------
+    mesh = partitioning.make_mesh()
+    rules = partitioning.axis_rules(partitioning_preset)
+    if batch_size % jax.process_count():
+        raise UserError(f"batch_size={batch_size} is not divisible by {jax.process_count()} processes.")
+
+    # --- Data ------------------------------------------------------------------------------------
+    config = TransformerConfig()
+    model_type = data_model_type(config, prefix_lm)
+    pipeline.list_tasks_of(mixture_or_task_name)  # an unknown name fails here, with close matches
+    eval_tasks = pipeline.list_tasks_of(eval_mixture_or_task_name or mixture_or_task_name)
+    batch_kwargs = dict(
+        task_feature_lengths=dict(task_feature_lengths), model_type=model_type,
+        batch_size=batch_size // jax.process_count(),
+        # Each host reads only its own shard of every task and feeds its slice of the global batch.
+        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()),
+    )
+
+    # Reading the eval batches up front also checks, before any compute, that the names exist,
+    # the feature lengths suit the objective and the splits are not empty.
+    eval_data = load_eval_batches(eval_tasks, split=eval_split, max_batches=eval_batches, seed=seed,
+                                  **batch_kwargs)
+
+    # --- Model and optimizer ------------------------------------------------------------------------
+    model = Model(config)
+    optimizer = make_optimizer()
+    init = trainer.make_sharded_init(
+        model, optimizer.tx, model.input_shapes(batch_size, task_feature_lengths), mesh, rules)
+    rows = partitioning.sharding_table(init.boxed_params_shapes, init.state_shardings.params)
+    num_params = write_model_info(os.path.join(model_dir, "model-info.txt"), config, rows, mesh, rules) \
+        if is_chief else sum(int(np.prod(r["shape"])) for r in rows)
+
+    # --- State: resume from MODEL_DIR or initialise ------------------------------------------------------
+    ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"),
+                                    save_every=checkpoint_every, keep=keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, init.abstract_state)
+        print(f"Resumed from {ckpt.directory}/{latest}", flush=True)
+    else:
+        state = init.init_fn(jax.random.PRNGKey(seed))
+    start_step = int(state.step)
+
+    # --- Compiled steps ---------------------------------------------------------------------------
+    loss_config = trainer.LossConfig(label_smoothing=label_smoothing, z_loss=z_loss)
+    batch_sharding = partitioning.batch_sharding(mesh)
+    train_step = jax.jit(
+        _with_rules(trainer.make_train_step(
+            model, optimizer.tx, optimizer.schedule, loss_config=loss_config,
+            num_microbatches=num_microbatches, use_dropout=config.dropout_rate > 0), rules),
+        in_shardings=(init.state_shardings, batch_sharding, None),
+        out_shardings=(init.state_shardings, None),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(_with_rules(trainer.make_eval_step(model, loss_config), rules),
+                        in_shardings=(init.state_shardings.params, batch_sharding))
+
+    # The train stream restarts from a seed derived from the resume step: a resumed run continues
+    # on fresh, deterministic data (not the exact examples an uninterrupted run would have seen).
+    train_batches: Iterator = pipeline.get_batches(
+        mixture_or_task_name, split="train", shuffle=True, num_epochs=None,
+        seed=seed + start_step, **batch_kwargs)
+
+    writer = MetricsWriter(model_dir, enabled=is_chief)
+    if is_chief:
+        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+            f.write(gin.config_str())  # every binding as parsed (files + --gin. flags)
+        print(f"t5lite: {config.architecture}, {num_params:,} parameters, mesh {dict(mesh.shape)}, "
+              f"preset {partitioning_preset!r}, batch {batch_size}, lengths {dict(task_feature_lengths)}, "
+              f"steps {start_step}->{num_train_steps}, MODEL_DIR {model_dir}", flush=True)
+
+    # --- Loop ------------------------------------------------------------------------------------------
+    dropout_rng = jax.random.PRNGKey(seed + 1)
+    t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
+    pending_metrics = []
+    eval_results: dict[str, dict[str, float]] = {}
+    with mesh:
+        for step in range(start_step, num_train_steps):
+            batch = next(train_batches)
+            real, total = count_real_tokens(batch)
+            real_tokens, all_tokens = real_tokens + real, all_tokens + total
+            state, metrics = train_step(state, partitioning.shard_batch(batch, mesh), dropout_rng)
+            pending_metrics.append(metrics)
+            steps_in_interval += 1
+            done = step + 1
+
+            if done == start_step + 1 and is_chief:
+                write_operative_config(model_dir)  # what has been used so far; rewritten at the end
+
+            if done % log_every == 0 or done == num_train_steps:
+                means = _mean_metrics(pending_metrics)
+                elapsed = time.perf_counter() - t_interval
+                rates = {"steps_per_s": steps_in_interval / elapsed,
+                         "tokens_per_s": all_tokens / elapsed, "real_tokens_per_s": real_tokens / elapsed}
+                eta = (num_train_steps - done) / max(rates["steps_per_s"], 1e-9)
+                if is_chief:
+                    print(progress_line(done, num_train_steps, means, rates, eta), flush=True)
+                writer.write("train", done, {**means, **rates})
+                t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
+                pending_metrics = []
+
+            ckpt.save(done, state, force=done == num_train_steps)
+
+            if done % eval_every == 0 or done == num_train_steps:
+                t_eval = time.perf_counter()
+                eval_results = evaluate(eval_step, state.params, eval_data, mesh)
+                for task, m in eval_results.items():
+                    writer.write(f"eval/{task}", done, m)
+                    if is_chief:
+                        print(f"  eval {task}: loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}  "
+                              f"perplexity {m['perplexity']:.2f}  ({format_duration(time.perf_counter() - t_eval)})",
+                              flush=True)
+                t_interval = time.perf_counter()  # keep eval time out of the training rates
+
+    if start_step >= num_train_steps:
+        eval_results = evaluate(eval_step, state.params, eval_data, mesh)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if is_chief:
+        with open(os.path.join(model_dir, "eval_results.json"), "w") as f:
+            json.dump({"step": int(state.step), "tasks": eval_results}, f, indent=2)
+    return TrainResult(model_dir=model_dir, step=int(state.step), eval_results=eval_results)
+
+
+def _with_rules(fn, rules):
+    """Runs `fn` under the logical axis rules, so activation constraints resolve to mesh axes."""
+    import flax.linen as nn  # noqa: PLC0415
+
+    def wrapped(*args):
+        with nn.logical_axis_rules(rules):
+            return fn(*args)
+
+    return wrapped
+
+
+def _mean_metrics(metrics: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:
+    host = jax.device_get(list(metrics))
+    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, bindings = gin_cli.parse_args(argv, description=__doc__)
+        search_paths = [p for p in args.gin_search_paths.split(",") if p]
+        gin_cli.parse_gin(args.gin_file, bindings, search_paths)
+        result = train()
+        if jax.process_index() == 0:
+            write_operative_config(result.model_dir)  # complete now that train() has returned
+    except UserError as e:  # gin errors included; internal bugs keep their traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+

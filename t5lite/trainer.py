@@ -1,0 +1,154 @@
+"""Train state, sharded initialisation, and the jitted train and eval steps.
+
+The loss of a step is the sum of per-token losses over the GLOBAL batch divided by the number
+of real target tokens in it. With gradient accumulation the batch is split into microbatches
+whose gradient SUMS are added before that one division, so the update equals the update of
+the whole batch at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from t5lite import partitioning
+from t5lite.model.models import Model, normalize_metric_sums
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    label_smoothing: float = 0.0
+    z_loss: float = 1e-4
+
+
+@dataclasses.dataclass
+class ShardedInit:
+    """Everything needed to create, restore and step a sharded TrainState."""
+
+    init_fn: Callable[[Array], TrainState]  # jitted: rng -> sharded TrainState
+    abstract_state: TrainState  # ShapeDtypeStructs carrying shardings (orbax restore target)
+    state_shardings: TrainState
+    boxed_params_shapes: Any  # nn.LogicallyPartitioned shapes, for the model-info table
+
+
+def make_sharded_init(
+    model: Model, tx: optax.GradientTransformation, input_shapes: Mapping[str, tuple[int, ...]],
+    mesh: Mesh, rules,
+) -> ShardedInit:
+    """Derives parameter shardings from the model's logical axes and builds a jitted init."""
+
+    def init_boxed(rng):
+        return model.init(rng, input_shapes)["params"]
+
+    def init_state(rng) -> TrainState:
+        params = nn.unbox(init_boxed(rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    boxed_shapes = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    params_shardings = partitioning.logical_shardings(boxed_shapes, mesh, rules)
+    state_shapes = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = TrainState(
+        step=replicated,
+        params=params_shardings,
+        opt_state=partitioning.derive_state_shardings(
+            state_shapes.opt_state, state_shapes.params, params_shardings, mesh),
+    )
+    abstract_state = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, state_shardings)
+    with mesh, nn.logical_axis_rules(rules):
+        init_fn = jax.jit(init_state, out_shardings=state_shardings)
+    return ShardedInit(init_fn, abstract_state, state_shardings, boxed_shapes)
+
+
+def _split_microbatches(batch: Mapping[str, Array], num_microbatches: int) -> dict[str, Array]:
+    """[batch, ...] -> [num_microbatches, batch / num_microbatches, ...]."""
+    def split(x):
+        if x.shape[0] % num_microbatches:
+            raise ValueError(f"Batch size {x.shape[0]} is not divisible by num_microbatches={num_microbatches}.")
+        return x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:])
+    return {k: split(v) for k, v in batch.items()}
+
+
+def grad_and_metric_sums(
+    model: Model, params, batch: Mapping[str, Array], dropout_rng: Array | None,
+    loss_config: LossConfig, num_microbatches: int = 1,
+) -> tuple[Any, dict[str, Array]]:
+    """Gradient of the SUM of token losses and the metric sums, accumulated over microbatches."""
+
+    def loss_fn(p, mb, rng):
+        return model.loss_sums(p, mb, dropout_rng=rng, label_smoothing=loss_config.label_smoothing,
+                               z_loss=loss_config.z_loss)
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if num_microbatches == 1:
+        grads, sums = grad_fn(params, batch, dropout_rng)
+        return grads, sums
+
+    micro = _split_microbatches(batch, num_microbatches)
+
+    def accumulate(carry, xs):
+        grads_acc, sums_acc = carry
+        index, mb = xs
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+        grads, sums = grad_fn(params, mb, rng)
+        return (jax.tree_util.tree_map(jnp.add, grads_acc, grads),
+                jax.tree_util.tree_map(jnp.add, sums_acc, sums)), None
+
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    first_mb = jax.tree_util.tree_map(lambda x: x[0], micro)
+    zero_sums = jax.tree_util.tree_map(
+        jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, first_mb, dropout_rng)[1]))
+    (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums),
+                                    (jnp.arange(num_microbatches), micro))
+    return grads, sums
+
+
+def make_train_step(
+    model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+    loss_config: LossConfig, num_microbatches: int = 1, use_dropout: bool = True,
+) -> Callable[[TrainState, Mapping[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
+    """(state, batch, rng) -> (new_state, metrics); jit it with shardings and donate the state."""
+
+    def train_step(state: TrainState, batch: Mapping[str, Array], rng: Array):
+        dropout_rng = jax.random.fold_in(rng, state.step) if use_dropout else None
+        grad_sums, sums = grad_and_metric_sums(
+            model, state.params, batch, dropout_rng, loss_config, num_microbatches)
+        # One division by the global real-token count: the loss is a per-token mean.
+        num_tokens = jnp.maximum(sums["num_tokens"], 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / num_tokens, grad_sums)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = normalize_metric_sums(sums)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["learning_rate"] = schedule(state.step)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(model: Model, loss_config: LossConfig) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
+    """(params, batch) -> metric SUMS (teacher forced, no dropout); add them across batches."""
+
+    def eval_step(params, batch):
+        _, sums = model.loss_sums(params, batch, label_smoothing=loss_config.label_smoothing,
+                                  z_loss=loss_config.z_loss)
+        return sums
+
+    return eval_step
