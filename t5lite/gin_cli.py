@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import gin
 

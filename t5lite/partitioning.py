@@ -8,7 +8,8 @@ parameters over fsdp but stays replicated in activations, whose batch already to
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import gin
@@ -104,8 +105,8 @@ def derive_state_shardings(state_shapes: Any, params_shapes: Any, params_shardin
     def assign(subtree):
         if is_params_like(subtree):
             leaves = jax.tree_util.tree_leaves(subtree)
-            out = [s if tuple(l.shape) == tuple(p.shape) else replicated
-                   for l, p, s in zip(leaves, p_shapes, p_shardings)]
+            out = [s if tuple(leaf.shape) == tuple(p.shape) else replicated
+                   for leaf, p, s in zip(leaves, p_shapes, p_shardings, strict=True)]
             return jax.tree_util.tree_unflatten(params_def, out)
         return jax.tree_util.tree_map(lambda _: replicated, subtree)
 
@@ -129,7 +130,7 @@ def sharding_table(boxed_params: Any, shardings: Any) -> list[dict[str, Any]]:
     flat_boxed = jax.tree_util.tree_flatten_with_path(
         boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
     flat_shardings = jax.tree_util.tree_leaves(shardings)
-    for (path, boxed), sharding in zip(flat_boxed, flat_shardings):
+    for (path, boxed), sharding in zip(flat_boxed, flat_shardings, strict=True):
         value = boxed.value if isinstance(boxed, nn.LogicallyPartitioned) else boxed
         names = boxed.names if isinstance(boxed, nn.LogicallyPartitioned) else ()
         shard_shape = sharding.shard_shape(tuple(value.shape))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 
 def format_duration(seconds: float) -> str:
@@ -52,7 +52,8 @@ class MetricsWriter:
         with self._tb_writer(group).as_default():
             for name, value in scalars.items():
                 tf.summary.scalar(name, float(value), step=step)
-        self._jsonl.write(json.dumps({"group": group, "step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        record = {"group": group, "step": step, **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
 
     def close(self) -> None:

@@ -18,12 +18,13 @@ if __name__ == "__main__":
     sys.exit(_train_module.main())
 
 import dataclasses
+import itertools
 import json
-import math
 import os
 import sys
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import gin
 import jax
@@ -79,7 +80,8 @@ def write_model_info(path: str, config: TransformerConfig, rows: Sequence[Mappin
     """Writes MODEL_DIR/model-info.txt (config, parameter table with shardings); returns #params."""
     total = sum(int(np.prod(r["shape"])) for r in rows)
     with open(path, "w") as f:
-        f.write(f"{config}\n\nparameters: {total:,}\nmesh: {dict(mesh.shape)}\nrules: {rules}\n\n")
+        f.write(f"{config}\ncompute dtype: {config.compute_dtype}\n\nparameters: {total:,}\n"
+                f"mesh: {dict(mesh.shape)}\nrules: {rules}\n\n")
         f.write(f"{'name':70s} {'shape':22s} {'logical axes':40s} {'mesh axes':28s} bytes/device\n")
         for r in rows:
             f.write(f"{r['name']:70s} {str(r['shape']):22s} {str(r['logical_axes']):40s} "
@@ -94,7 +96,7 @@ def load_eval_batches(task_names: Sequence[str], *, split: str, max_batches: int
     out = {}
     for name in task_names:
         it = pipeline.get_batches(name, split=split, shuffle=False, num_epochs=1, **batch_kwargs)
-        out[name] = [b for _, b in zip(range(max_batches), it)]
+        out[name] = list(itertools.islice(it, max_batches))
     return out
 
 

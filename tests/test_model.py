@@ -173,7 +173,8 @@ def test_scan_unrolled_and_remat_give_the_same_loss_and_grads():
         model_s = Model(dataclasses.replace(TINY, remat_policy=remat))
         loss_s, grads_s = loss_and_grads(model_s, params_s)
         np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
-        for gs, gu in zip(jax.tree_util.tree_leaves(grads_s), jax.tree_util.tree_leaves(_stack_unrolled(grads_u))):
+        expected = jax.tree_util.tree_leaves(_stack_unrolled(grads_u))
+        for gs, gu in zip(jax.tree_util.tree_leaves(grads_s), expected, strict=True):
             np.testing.assert_allclose(gs, gu, rtol=1e-4, atol=1e-6)
 
 
@@ -185,8 +186,16 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
 
 
+def test_auto_dtype_is_float32_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert TransformerConfig().compute_dtype == jnp.float32
+    assert TransformerConfig(dtype="bfloat16").compute_dtype == jnp.bfloat16
+
+
 def test_bad_config_values_are_named():
     with pytest.raises(ValueError, match="remat_policy"):
         TransformerConfig(remat_policy="sometimes")
     with pytest.raises(ValueError, match="architecture"):
         TransformerConfig(architecture="rnn")
+    with pytest.raises(ValueError, match="dtype"):
+        TransformerConfig(dtype="float33")

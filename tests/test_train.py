@@ -81,6 +81,25 @@ def test_tiny_model_trains_on_real_text_and_writes_its_outputs(tmp_path, capsys)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mixture, lengths, prefix_lm", [
+    ("t5lite_default_lm", "{'targets': 64}", False),
+    ("t5lite_default_prefix_lm", "{'inputs': 32, 'targets': 32}", True),
+], ids=["causal_lm", "prefix_lm"])
+def test_decoder_only_model_trains(tmp_path, capsys, mixture, lengths, prefix_lm):
+    model_dir = str(tmp_path / "run")
+    args = ["--gin_file=gin/models/decoder_only_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
+            f"--gin.MIXTURE_OR_TASK_NAME='{mixture}'", f"--gin.TASK_FEATURE_LENGTHS={lengths}",
+            f"--gin.train.prefix_lm={prefix_lm}", "--gin.TRAIN_STEPS=40",
+            "--gin.train.eval_every=40", "--gin.train.checkpoint_every=40"]
+    code, out = _run_main(TINY_RUN + args, capsys)
+    assert code == 0, out.err
+    train = [r for r in _jsonl(model_dir) if r["group"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0, [r["loss"] for r in train]
+    results = json.load(open(os.path.join(model_dir, "eval_results.json")))
+    assert all(m["perplexity"] < 8192 for m in results["tasks"].values())
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     model_dir = str(tmp_path / "run")
     args = [sys.executable, "-m", "t5lite.train", *TINY_RUN, f"--gin.MODEL_DIR='{model_dir}'",

@@ -87,7 +87,7 @@ def test_accumulated_gradient_equals_the_one_big_batch_gradient(model_and_params
             model, p, b, None, trainer.LossConfig(), num_microbatches=n))(params, batch)
         grads[n] = jax.tree_util.tree_map(lambda x, sums=sums: x / sums["num_tokens"], g)
     for n in (2, 4):
-        for a, b in zip(jax.tree_util.tree_leaves(grads[1]), jax.tree_util.tree_leaves(grads[n])):
+        for a, b in zip(jax.tree_util.tree_leaves(grads[1]), jax.tree_util.tree_leaves(grads[n]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -108,7 +108,7 @@ def test_gradient_accumulation_update_equals_one_big_batch_update(model_and_para
     for other, m in others:
         np.testing.assert_allclose(m["loss"], m1["loss"], rtol=1e-5)
         np.testing.assert_allclose(m["grad_norm"], m1["grad_norm"], rtol=1e-5)
-        for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(other.params)):
+        for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(other.params), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -9,6 +9,7 @@ import functools
 import gzip
 import os
 import re
+
 from t5lite.errors import UserError
 
 CORPUS_DIR_ENV = "T5LITE_CORPUS_DIR"

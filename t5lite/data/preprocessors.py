@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import seqio
 import tensorflow as tf
+
 from t5lite.errors import UserError
 
 OutputFeatures = Mapping[str, seqio.Feature]

@@ -7,7 +7,7 @@ accumulation give exactly the one-big-batch loss and gradient.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
