@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t5lite.errors import UserError
+
 SCHEDULE_NAMES = ("constant", "rsqrt", "cosine", "step", "exponential", "linear")
 
 # Leaf names never decayed even when stacked into >= 2 dims by nn.scan ([layers, embed]).
@@ -77,9 +79,9 @@ def make_schedule(
                      decay_steps). "step" and "exponential" never go below end_learning_rate.
     """
     if name not in SCHEDULE_NAMES:
-        raise ValueError(f"make_schedule: name={name!r}; choose one of {SCHEDULE_NAMES}.")
+        raise UserError(f"make_schedule: name={name!r}; choose one of {SCHEDULE_NAMES}.")
     if warmup_steps < 0:
-        raise ValueError(f"make_schedule: warmup_steps={warmup_steps} must be >= 0.")
+        raise UserError(f"make_schedule: warmup_steps={warmup_steps} must be >= 0.")
     if name == "rsqrt":
         return _rsqrt_schedule(learning_rate, warmup_steps)
     after_warmup = _schedule_after_warmup(
@@ -113,7 +115,7 @@ def _schedule_after_warmup(
         return optax.constant_schedule(learning_rate)
     if name in ("step", "exponential"):
         if decay_steps <= 0 or not 0.0 < decay_rate < 1.0:
-            raise ValueError(
+            raise UserError(
                 f"make_schedule: name={name!r} needs decay_steps > 0 and 0 < decay_rate < 1; "
                 f"got decay_steps={decay_steps}, decay_rate={decay_rate} "
                 "(use 'constant' for no decay)."
@@ -126,7 +128,7 @@ def _schedule_after_warmup(
             end_value=end_learning_rate,
         )
     if total_steps is None or total_steps <= warmup_steps:
-        raise ValueError(
+        raise UserError(
             f"make_schedule: name={name!r} needs total_steps > warmup_steps (the step at which "
             f"the learning rate reaches end_learning_rate); got total_steps={total_steps}, "
             f"warmup_steps={warmup_steps}."
@@ -275,7 +277,7 @@ def make_optimizer(
       default_weight_decay_mask (>= 2-D params except norm scales and biases).
     """
     if name not in _OPTIMIZER_BUILDERS:
-        raise ValueError(f"make_optimizer: name={name!r}; choose one of {OPTIMIZER_NAMES}.")
+        raise UserError(f"make_optimizer: name={name!r}; choose one of {OPTIMIZER_NAMES}.")
     schedule = make_schedule() if schedule is None else schedule
     tx = _OPTIMIZER_BUILDERS[name](
         schedule=schedule,
