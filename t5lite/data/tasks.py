@@ -13,12 +13,13 @@ Documents are tiny Shakespeare speeches and WikiText-2 articles (embedded_corpus
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import seqio
 import tensorflow as tf
 
 from t5lite.data import embedded_corpus, preprocessors, vocab
+from t5lite.errors import UserError
 
 DocumentsFn = Callable[[str], tuple[str, ...]]
 
@@ -73,21 +74,75 @@ def _objective_preprocessors(objective: str) -> list[Callable[..., tf.data.Datas
     return [preprocessors.prefix_lm]
 
 
-def _register_task(corpus: str, objective: str) -> None:
-    name = f"{corpus}_{objective}"
-    if name in seqio.TaskRegistry.names():  # importing twice (e.g. reload) must not fail
-        return
-    documents_fn, splits = CORPORA[corpus]
-    seqio.TaskRegistry.add(
+def add_pretraining_task(
+    name: str,
+    source: seqio.DataSource,
+    *,
+    objective: str,
+    text_field: str = "text",
+    extra_preprocessors: Sequence[Callable[..., tf.data.Dataset]] = (),
+) -> seqio.Task:
+    """Registers a pretraining Task: raw text -> tokens -> objective (span_corruption, lm, prefix_lm).
+
+    extra_preprocessors run on the raw text before tokenization (e.g. a cleaning preprocessor).
+    Registering a name twice returns the existing Task, so a module can be imported again.
+    """
+    if objective not in OBJECTIVES:
+        raise UserError(f"objective={objective!r}; choose one of {OBJECTIVES}.")
+    if name in seqio.TaskRegistry.names():
+        return seqio.TaskRegistry.get(name)
+    return seqio.TaskRegistry.add(
         name,
-        source=seqio.FunctionDataSource(functools.partial(_text_dataset, documents_fn=documents_fn), splits=splits),
+        source=source,
         output_features=_output_features(objective),
         preprocessors=[
-            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+            *extra_preprocessors,
+            functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_field}),
             functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
             *_objective_preprocessors(objective),
         ],
         metric_fns=[],
+    )
+
+
+def add_supervised_task(
+    name: str,
+    source: seqio.DataSource,
+    *,
+    inputs_field: str,
+    targets_field: str,
+    metric_fns: Sequence[Callable] = (),
+    extra_preprocessors: Sequence[Callable[..., tf.data.Dataset]] = (),
+) -> seqio.Task:
+    """Registers an (inputs -> targets) Task, e.g. prompt -> response or sentence -> label.
+
+    Both features get EOS; seqio truncates to the task feature lengths. The pretokenized text
+    is kept (inputs_pretokenized, targets_pretokenized) for metrics that compare strings.
+    """
+    if name in seqio.TaskRegistry.names():
+        return seqio.TaskRegistry.get(name)
+    vocabulary = vocab.get_default_vocabulary()
+    return seqio.TaskRegistry.add(
+        name,
+        source=source,
+        output_features={"inputs": seqio.Feature(vocabulary, add_eos=True),
+                         "targets": seqio.Feature(vocabulary, add_eos=True)},
+        preprocessors=[
+            *extra_preprocessors,
+            functools.partial(seqio.preprocessors.rekey, key_map={"inputs": inputs_field, "targets": targets_field}),
+            seqio.preprocessors.tokenize,
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        metric_fns=list(metric_fns),
+    )
+
+
+def _register_task(corpus: str, objective: str) -> None:
+    documents_fn, splits = CORPORA[corpus]
+    add_pretraining_task(
+        f"{corpus}_{objective}",
+        seqio.FunctionDataSource(functools.partial(_text_dataset, documents_fn=documents_fn), splits=splits),
+        objective=objective,
     )
 
 
