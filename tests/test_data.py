@@ -257,3 +257,16 @@ def test_empty_split_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv(embedded_corpus.CORPUS_DIR_ENV, str(tmp_path))
     with pytest.raises(ValueError, match=r"'tiny_shakespeare_lm' split 'validation' produced no batch"):
         batches("tiny_shakespeare_lm", "decoder_only", {"targets": 64}, num_epochs=1)
+
+
+def test_vocab_cli_trains_from_a_task_and_reports_tokens_per_character(tmp_path, capsys):
+    from t5lite.data import vocab as vocab_lib
+
+    code = vocab_lib.main([f"--output={tmp_path}/v", "--task=tiny_shakespeare_lm", "--vocab_size=400",
+                           "--model_type=bpe"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "500 ids with 100 sentinels" in out
+    ratio = float(out.split("; ")[1].split()[0])
+    assert 0.2 < ratio < 1.0  # a 400-piece BPE spends fewer than one token per character
+    assert os.path.exists(f"{tmp_path}/v.model")

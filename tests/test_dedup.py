@@ -58,10 +58,10 @@ def test_contamination_counts_examples_and_ngrams():
 
 
 def test_shipped_tiny_shakespeare_validation_is_mostly_not_in_train():
-    from t5lite.data import pipeline  # noqa: F401  (registers the tasks)
+    from t5lite.data import pipeline
 
-    train_ngrams = dedup.training_ngram_set(dedup.task_texts("tiny_shakespeare_lm", "train"))
-    report = dedup.contamination("val", dedup.task_texts("tiny_shakespeare_lm", "validation"), train_ngrams)
+    train_ngrams = dedup.training_ngram_set(pipeline.raw_texts("tiny_shakespeare_lm", "train"))
+    report = dedup.contamination("val", pipeline.raw_texts("tiny_shakespeare_lm", "validation"), train_ngrams)
     assert report.examples > 100
     assert report.percent_ngrams < 5.0  # distinct plays; a few repeated stock lines at most
 

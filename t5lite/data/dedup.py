@@ -205,20 +205,6 @@ def deduplicate(documents: Sequence[str], *, mode: str, threshold: float = 0.8) 
     return kept, report
 
 
-def task_texts(task_name: str, split: str) -> list[str]:
-    """The raw (source) text of a registered seqio Task's split, before any preprocessing."""
-    import seqio  # noqa: PLC0415  (only the contamination mode needs the task registry)
-
-    task = seqio.TaskRegistry.get(task_name)
-    if split not in task.splits:
-        raise UserError(f"Task {task_name!r} has no split {split!r}; it has {sorted(task.splits)}.")
-    texts = []
-    for ex in task.source.get_dataset(split=split, shuffle=False).as_numpy_iterator():
-        fields = [ex[k] for k in ("text", "inputs", "targets", "sentence", "question") if k in ex]
-        texts.append(" ".join(f.decode("utf-8") if isinstance(f, bytes) else str(f) for f in fields))
-    return texts
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", default=[], help="text file(s), .gz allowed (dedup mode)")
@@ -263,12 +249,12 @@ def _run_contamination(args) -> dict:
 
     train_ngrams: set[int] = set()
     for task in pipeline.list_tasks_of(args.train_task):
-        train_ngrams |= training_ngram_set(task_texts(task, "train"), args.ngram)
+        train_ngrams |= training_ngram_set(pipeline.raw_texts(task, "train"), args.ngram)
     results = []
     for spec in args.eval_task:
         name, _, split = spec.partition(":")
         for task in pipeline.list_tasks_of(name):
-            r = contamination(f"{task}:{split or 'validation'}", task_texts(task, split or "validation"),
+            r = contamination(f"{task}:{split or 'validation'}", pipeline.raw_texts(task, split or "validation"),
                               train_ngrams, args.ngram)
             results.append({**dataclasses.asdict(r), "percent_examples": round(r.percent_examples, 3),
                             "percent_ngrams": round(r.percent_ngrams, 3)})

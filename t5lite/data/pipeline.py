@@ -107,6 +107,26 @@ def list_tasks_of(mixture_or_task_name: str) -> list[str]:
     return [provider.name]
 
 
+# Source fields joined into an example's raw text, in this order, when present.
+RAW_TEXT_FIELDS = ("text", "inputs", "targets", "question", "answer", "sentence", "context", "continuation")
+
+
+def raw_texts(task_name: str, split: str, limit: int | None = None) -> list[str]:
+    """The source text of a Task's split, before any preprocessing (dedup, vocab, inspect).
+
+    Joins the string fields in RAW_TEXT_FIELDS (and any other string field) of each example.
+    """
+    task = _get_provider(task_name)
+    if isinstance(task, seqio.Mixture):
+        raise UserError(f"{task_name!r} is a Mixture; pass one of its Tasks: {list_tasks_of(task_name)}.")
+    _check_split(task, split)
+    texts = []
+    for example in itertools.islice(task.source.get_dataset(split=split, shuffle=False).as_numpy_iterator(), limit):
+        keys = [k for k in RAW_TEXT_FIELDS if k in example] + sorted(set(example) - set(RAW_TEXT_FIELDS))
+        texts.append(" ".join(example[k].decode("utf-8") for k in keys if isinstance(example[k], bytes)))
+    return texts
+
+
 def _get_provider(name: str) -> seqio.Task | seqio.Mixture:
     """The registered Mixture or Task called name; a mixture wins a name clash, as in seqio."""
     if name in seqio.MixtureRegistry.names():
