@@ -122,7 +122,9 @@ def test_train_sentencepiece_is_deterministic_with_t5_ids(tmp_path, monkeypatch)
 
 def test_tasks_and_mixtures_are_registered_once_even_on_reimport():
     importlib.reload(tasks)
-    for objective in tasks.OBJECTIVES:
+    ul2 = {f"{corpus}_{o}" for corpus in tasks.CORPORA for o in tasks.OBJECTIVES if o.startswith("ul2_")}
+    assert set(pipeline.list_tasks_of("t5lite_default_ul2")) == ul2 and len(ul2) == 12
+    for objective in ("span_corruption", "lm", "prefix_lm"):
         assert pipeline.list_tasks_of(f"t5lite_default_{objective}") == [
             f"tiny_shakespeare_{objective}",
             f"wikitext2_{objective}",

@@ -30,7 +30,7 @@ CORPORA: dict[str, tuple[DocumentsFn, tuple[str, ...]]] = {
     ),
     "wikitext2": (embedded_corpus.wikitext2_documents, embedded_corpus.WIKITEXT2_SPLITS),
 }
-OBJECTIVES = ("span_corruption", "lm", "prefix_lm")
+OBJECTIVES = ("span_corruption", "lm", "prefix_lm", *(f"ul2_{d}" for d in preprocessors.UL2_DENOISERS))
 
 
 def _text_dataset(
@@ -59,7 +59,7 @@ def _output_features(objective: str) -> dict[str, seqio.Feature]:
     if objective == "lm":
         # Documents inside a chunk are already separated by EOS; a chunk end is not a document end.
         return {"targets": seqio.Feature(vocabulary, add_eos=False)}
-    add_eos = objective == "span_corruption"
+    add_eos = objective == "span_corruption" or objective.startswith("ul2_")
     return {
         "inputs": seqio.Feature(vocabulary, add_eos=add_eos),
         "targets": seqio.Feature(vocabulary, add_eos=add_eos),
@@ -71,6 +71,10 @@ def _objective_preprocessors(objective: str) -> list[Callable[..., tf.data.Datas
         return [preprocessors.span_corruption, seqio.preprocessors.append_eos_after_trim]
     if objective == "lm":
         return [preprocessors.causal_lm]
+    if objective.startswith("ul2_"):
+        denoiser = objective[len("ul2_"):]
+        return [functools.partial(preprocessors.ul2_denoiser, denoiser=denoiser),
+                seqio.preprocessors.append_eos_after_trim]
     return [preprocessors.prefix_lm]
 
 
@@ -159,11 +163,24 @@ def _register_mixture(objective: str) -> None:
     )
 
 
+def _register_ul2_mixtures() -> None:
+    """{corpus}_ul2: its denoisers at equal rates; t5lite_default_ul2: both corpora by size."""
+    for corpus in CORPORA:
+        if f"{corpus}_ul2" not in seqio.MixtureRegistry.names():
+            seqio.MixtureRegistry.add(f"{corpus}_ul2", [f"{corpus}_ul2_{d}" for d in preprocessors.UL2_DENOISERS],
+                                      default_rate=1.0)
+    if "t5lite_default_ul2" not in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.add("t5lite_default_ul2", [
+            (f"{corpus}_ul2", _train_characters(documents_fn, None)) for corpus, (documents_fn, _) in CORPORA.items()])
+
+
 def _register_all() -> None:
     for objective in OBJECTIVES:
         for corpus in CORPORA:
             _register_task(corpus, objective)
-        _register_mixture(objective)
+        if not objective.startswith("ul2_"):
+            _register_mixture(objective)
+    _register_ul2_mixtures()
 
 
 _register_all()
