@@ -272,3 +272,12 @@ def test_vocab_cli_trains_from_a_task_and_reports_tokens_per_character(tmp_path,
     ratio = float(out.split("; ")[1].split()[0])
     assert 0.2 < ratio < 1.0  # a 400-piece BPE spends fewer than one token per character
     assert os.path.exists(f"{tmp_path}/v.model")
+
+
+def test_byte_level_task_uses_byte_ids():
+    batch = next(pipeline.get_batches("tiny_shakespeare_bytes_lm", split="validation",
+                                      task_feature_lengths={"targets": 64}, model_type="decoder_only",
+                                      batch_size=2, shuffle=False, seed=0))
+    tokens = batch["decoder_target_tokens"]
+    assert tokens.max() < 259 and (tokens > 0).all()  # 3 special ids + 256 bytes, no padding when chunked
+    assert "c4_span_corruption" in seqio.TaskRegistry.names()

@@ -19,6 +19,7 @@ import seqio
 import tensorflow as tf
 
 from t5lite.data import embedded_corpus, preprocessors, vocab
+from t5lite.data import sources as sources_lib
 from t5lite.errors import UserError
 
 DocumentsFn = Callable[[str], tuple[str, ...]]
@@ -54,8 +55,8 @@ def _train_characters(documents_fn: DocumentsFn, unused_task: seqio.Task) -> flo
     return float(sum(len(document) for document in documents_fn("train")))
 
 
-def _output_features(objective: str) -> dict[str, seqio.Feature]:
-    vocabulary = vocab.get_default_vocabulary()
+def _output_features(objective: str, vocabulary: seqio.Vocabulary | None = None) -> dict[str, seqio.Feature]:
+    vocabulary = vocabulary or vocab.get_default_vocabulary()
     if objective == "lm":
         # Documents inside a chunk are already separated by EOS; a chunk end is not a document end.
         return {"targets": seqio.Feature(vocabulary, add_eos=False)}
@@ -84,10 +85,13 @@ def add_pretraining_task(
     *,
     objective: str,
     text_field: str = "text",
+    vocabulary: seqio.Vocabulary | None = None,
     extra_preprocessors: Sequence[Callable[..., tf.data.Dataset]] = (),
 ) -> seqio.Task:
     """Registers a pretraining Task: raw text -> tokens -> objective (span_corruption, lm, prefix_lm).
 
+    vocabulary: default the shipped SentencePiece one; e.g. seqio.ByteVocabulary(extra_ids=100)
+      for byte-level models (set TransformerConfig.vocab_size >= its vocab_size).
     extra_preprocessors run on the raw text before tokenization (e.g. a cleaning preprocessor).
     Registering a name twice returns the existing Task, so a module can be imported again.
     """
@@ -98,7 +102,7 @@ def add_pretraining_task(
     return seqio.TaskRegistry.add(
         name,
         source=source,
-        output_features=_output_features(objective),
+        output_features=_output_features(objective, vocabulary),
         preprocessors=[
             *extra_preprocessors,
             functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_field}),
@@ -174,6 +178,20 @@ def _register_ul2_mixtures() -> None:
             (f"{corpus}_ul2", _train_characters(documents_fn, None)) for corpus, (documents_fn, _) in CORPORA.items()])
 
 
+def _register_byte_level_and_tfds_tasks() -> None:
+    """tiny Shakespeare at the byte level (as nanoGPT's character-level baselines), and C4.
+
+    c4_span_corruption reads TFDS "c4/en:3.1.0"; it works where that dataset is prepared
+    (TFDS_DATA_DIR), like T5's C4 task, and fails with TFDS's message elsewhere.
+    """
+    documents_fn, splits = CORPORA["tiny_shakespeare"]
+    source = seqio.FunctionDataSource(functools.partial(_text_dataset, documents_fn=documents_fn), splits=splits)
+    for objective in ("lm", "span_corruption"):
+        add_pretraining_task(f"tiny_shakespeare_bytes_{objective}", source, objective=objective,
+                             vocabulary=seqio.ByteVocabulary(extra_ids=vocab.DEFAULT_EXTRA_IDS))
+    add_pretraining_task("c4_span_corruption", sources_lib.tfds_source("c4/en:3.1.0"), objective="span_corruption")
+
+
 def _register_all() -> None:
     for objective in OBJECTIVES:
         for corpus in CORPORA:
@@ -181,6 +199,7 @@ def _register_all() -> None:
         if not objective.startswith("ul2_"):
             _register_mixture(objective)
     _register_ul2_mixtures()
+    _register_byte_level_and_tfds_tasks()
 
 
 _register_all()
