@@ -33,6 +33,7 @@ import numpy as np
 import seqio
 
 from t5lite import checkpoints, gin_cli, partitioning, trainer
+from t5lite.data import pipeline  # registers the tasks and their gin configurables before parsing
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model, normalize_metric_sums
@@ -91,8 +92,6 @@ def write_model_info(path: str, config: TransformerConfig, rows: Sequence[Mappin
 
 def load_eval_batches(task_names: Sequence[str], *, split: str, max_batches: int, **batch_kwargs) -> dict[str, list]:
     """The first `max_batches` batches of `split` of each eval task, read once and kept in memory."""
-    from t5lite.data import pipeline  # noqa: PLC0415  (keeps `import t5lite.train` light)
-
     out = {}
     for name in task_names:
         it = pipeline.get_batches(name, split=split, shuffle=False, num_epochs=1, **batch_kwargs)
@@ -146,8 +145,6 @@ def train(
     `eval_batches` batches of `eval_split` of each task of the eval mixture (default: the train
     mixture).
     """
-    from t5lite.data import pipeline  # noqa: PLC0415  (registers the tasks)
-
     # --- Output directory --------------------------------------------------------------------
     model_dir = ensure_writable_dir(model_dir)
     is_chief = jax.process_index() == 0
