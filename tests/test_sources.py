@@ -150,3 +150,19 @@ def test_readme_new_task_guide_trains_and_evaluates_a_user_task(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.load(open(tmp_path / "run" / "eval_results.json"))
     assert list(results["tasks"]) == ["my_qa"] and results["tasks"]["my_qa"]["num_tokens"] > 0
+
+
+def test_instruction_task_puts_the_loss_on_the_response_only(tmp_path):
+    from t5lite.data import pipeline, tasks
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say hello number {i}.", "response": f"Hello {i}!"}) + "\n"
+                            for i in range(20)))
+    tasks.add_instruction_task("test_instructions", {"train": str(path)})
+    batch = next(pipeline.get_batches("test_instructions", split="train", task_feature_lengths={"inputs": 16,
+                                      "targets": 8}, model_type="prefix_lm", batch_size=2, shuffle=False, seed=0,
+                                      pack=False))
+    weights, prefix = batch["decoder_loss_weights"][0], batch["decoder_causal_attention"][0]
+    prompt_len = int(prefix.sum()) - 1  # the prefix mask also covers the first target position
+    assert weights[:prompt_len].sum() == 0 and weights[prompt_len:].sum() > 0
+    assert (weights[prompt_len:] > 0).sum() == len(batch["decoder_target_tokens"][0].nonzero()[0]) - prompt_len

@@ -145,6 +145,27 @@ def add_supervised_task(
     )
 
 
+def add_instruction_task(
+    name: str,
+    files: str | Sequence[str] | dict[str, str | Sequence[str]],
+    *,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    hash_splits: dict[str, float] | None = None,
+    metric_fns: Sequence[Callable] = (),
+) -> seqio.Task:
+    """Instruction / dialogue data: JSONL of {prompt, response}; the loss is on the response only.
+
+    Encoder-decoder models read the prompt in the encoder; decoder-only models train as a prefix
+    LM (model_type "prefix_lm", train.prefix_lm=True): the prompt is the bidirectional prefix and
+    seqio's PrefixLMFeatureConverter gives it zero loss weight.
+    """
+    source = sources_lib.file_source(files, file_format="jsonl", fields=(prompt_field, response_field),
+                                     hash_splits=hash_splits)
+    return add_supervised_task(name, source, inputs_field=prompt_field, targets_field=response_field,
+                               metric_fns=metric_fns)
+
+
 def _register_task(corpus: str, objective: str) -> None:
     documents_fn, splits = CORPORA[corpus]
     add_pretraining_task(
