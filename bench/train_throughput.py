@@ -99,7 +99,8 @@ def main() -> None:
     for row in rows:
         row["mfu"] = step_flops / row["median_step_s"] / peak  # same model FLOPs for both
         print(json.dumps(row))
-    print(f"\nmatmul peak (2048^2 float32, jax): {peak / 1e9:.1f} GFLOP/s; model FLOPs per step {step_flops / 1e9:.1f} G")
+    print(f"\nmatmul peak (2048^2 float32, jax): {peak / 1e9:.1f} GFLOP/s; "
+          f"model FLOPs per step {step_flops / 1e9:.1f} G")
     print(f"{'impl':28s} {'step (s)':>9s} {'train tok/s':>12s} {'MFU':>6s}")
     for row in rows:
         name = row.get("impl", row.get("peer"))
