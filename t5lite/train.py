@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gin
@@ -184,12 +184,16 @@ def train(
     num_params = write_model_info(os.path.join(model_dir, "model-info.txt"), config, rows, mesh, rules) \
         if is_chief else sum(int(np.prod(r["shape"])) for r in rows)
 
-    # --- State: resume from MODEL_DIR or initialise ------------------------------------------------------
+    # --- State and data position: resume from MODEL_DIR or initialise ---------------------------------
+    # The train stream is built first so that a resume can put it back where the checkpoint left it:
+    # a resumed run sees exactly the batches an uninterrupted run would have seen.
+    train_batches = pipeline.get_batches(mixture_or_task_name, split="train", shuffle=True, num_epochs=None,
+                                         seed=seed, **batch_kwargs)
     ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"),
                                     save_every=checkpoint_every, keep=keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, init.abstract_state)
+    resumed = ckpt.restore_latest(init.abstract_state, train_batches)
+    if resumed is not None:
+        state, latest = resumed
         print(f"Resumed from {ckpt.directory}/{latest}", flush=True)
     else:
         state = init.init_fn(jax.random.PRNGKey(seed))
@@ -208,12 +212,6 @@ def train(
     )
     eval_step = jax.jit(_with_rules(trainer.make_eval_step(model, loss_config), rules),
                         in_shardings=(init.state_shardings.params, batch_sharding))
-
-    # The train stream restarts from a seed derived from the resume step: a resumed run continues
-    # on fresh, deterministic data (not the exact examples an uninterrupted run would have seen).
-    train_batches: Iterator = pipeline.get_batches(
-        mixture_or_task_name, split="train", shuffle=True, num_epochs=None,
-        seed=seed + start_step, **batch_kwargs)
 
     writer = MetricsWriter(model_dir, enabled=is_chief)
     if is_chief:
@@ -253,7 +251,7 @@ def train(
                 t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
                 pending_metrics = []
 
-            ckpt.save(done, state, force=done == num_train_steps)
+            ckpt.save(done, state, train_batches, force=done == num_train_steps)
 
             if done % eval_every == 0 or done == num_train_steps:
                 t_eval = time.perf_counter()

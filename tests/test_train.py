@@ -3,12 +3,16 @@
 import glob
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
 import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from t5lite import gin_cli
@@ -99,34 +103,60 @@ def test_decoder_only_model_trains(tmp_path, capsys, mixture, lengths, prefix_lm
     assert all(m["perplexity"] < 8192 for m in results["tasks"].values())
 
 
+def _train_command(model_dir, *extra):
+    return [sys.executable, "-m", "t5lite.train", *TINY_RUN, f"--gin.MODEL_DIR='{model_dir}'",
+            "--gin.train.log_every=1", "--gin.train.eval_every=1000", *extra]
+
+
+def _losses_by_step(model_dir):
+    """step -> loss; a step trained twice (before a kill and after the resume) keeps its last value."""
+    return {r["step"]: r["loss"] for r in _jsonl(model_dir) if r["group"] == "train"}
+
+
+def _saved_params(model_dir, step):
+    state = ocp.PyTreeCheckpointer().restore(os.path.join(model_dir, "checkpoints", str(step), "state"))
+    return jax.tree_util.tree_map(np.asarray, state["params"])
+
+
+def _wait_for_step(proc, model_dir, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        metrics = os.path.join(model_dir, "metrics.jsonl")
+        if os.path.exists(metrics) and max(_losses_by_step(model_dir), default=0) >= step:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the run did not reach step {step} (exit code {proc.poll()})")
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
-    model_dir = str(tmp_path / "run")
-    args = [sys.executable, "-m", "t5lite.train", *TINY_RUN, f"--gin.MODEL_DIR='{model_dir}'",
-            "--gin.train.checkpoint_every=5", "--gin.train.eval_every=1000"]
-    ckpt_dir = os.path.join(model_dir, "checkpoints")
-    proc = subprocess.Popen(args + ["--gin.TRAIN_STEPS=10000"], cwd=REPO,
+def test_killed_run_resumes_exactly_where_it_stopped(tmp_path):
+    # kill -9 at a random step, restart: the same losses and, bitwise, the same final parameters
+    # as an uninterrupted run (the input pipeline's position is part of every checkpoint).
+    steps, kill_at = 50, random.randint(6, 35)  # the kill lands a few steps later: ~20 steps/s
+    reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
+    extra = ["--gin.train.checkpoint_every=5", f"--gin.TRAIN_STEPS={steps}"]
+    subprocess.run(_train_command(reference, *extra), cwd=REPO, check=True, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_train_command(interrupted, *extra), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-            if any(int(s) >= 10 for s in steps):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("no checkpoint at step >= 10 within 300 s")
+        _wait_for_step(proc, interrupted, kill_at)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    saved = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-    done = subprocess.run(args + [f"--gin.TRAIN_STEPS={saved + 5}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    killed_at = max(_losses_by_step(interrupted))
+    done = subprocess.run(_train_command(interrupted, *extra), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = [line for line in done.stdout.splitlines() if line.startswith("Resumed from")]
-    assert resumed and resumed[0].endswith(f"/{saved}"), done.stdout[-2000:]
-    assert f"step {saved + 5}/{saved + 5}" in done.stdout
-    assert f"step {5}/" not in done.stdout  # nothing before the checkpoint was re-trained
+    assert resumed, (killed_at, done.stdout[-3000:])
+    resumed_from = int(resumed[0].rsplit("/", 1)[1])
+    assert 5 <= resumed_from <= killed_at and resumed_from % 5 == 0, (resumed_from, killed_at)
+    assert f"step {resumed_from}/" not in done.stdout  # nothing before the checkpoint was re-trained
+
+    assert _losses_by_step(interrupted) == _losses_by_step(reference), f"killed at step {killed_at}"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _saved_params(interrupted, steps),
+                           _saved_params(reference, steps))
 
 
 # --- Errors a user can make: a clear message, exit code 2, nothing written ------------------------------
