@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from t5lite import checkpoints, gin_cli, partitioning, trainer
+from t5lite import checkpoints, gin_cli, partitioning, preemption, trainer
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model, normalize_metric_sums
@@ -62,6 +62,7 @@ class TrainResult:
     model_dir: str
     step: int
     eval_results: dict[str, dict[str, float]]  # task -> metric -> value, at the final step
+    exit_code: int = 0  # 128 + signal number if SIGTERM / SIGINT stopped the run (after a checkpoint)
 
 
 def write_operative_config(model_dir: str) -> None:
@@ -139,14 +140,23 @@ def train(
     eval_batches: int = 8,
     checkpoint_every: int = 200,
     keep_checkpoints: int = 3,
+    on_nonfinite: str = "skip",
 ) -> TrainResult:
     """Trains for `num_train_steps` (resuming from MODEL_DIR's latest checkpoint); returns the final eval.
 
     batch_size is the global batch (all hosts); eval runs every `eval_every` steps on the first
     `eval_batches` batches of `eval_split` of each task of the eval mixture (default: the train
     mixture).
+
+    A step whose loss or gradients are not finite is never applied. on_nonfinite="skip" goes on
+    with the next batch (metrics.jsonl counts skipped_steps); "stop" saves a checkpoint at that
+    step (the parameters before it) and raises UserError naming it. SIGTERM / SIGINT save a
+    checkpoint at the current step and return with exit_code 128 + signal number.
     """
     from t5lite.data import pipeline  # noqa: PLC0415  (registers the tasks)
+
+    if on_nonfinite not in ("skip", "stop"):
+        raise UserError(f"train.on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
 
     # --- Output directory --------------------------------------------------------------------
     model_dir = ensure_writable_dir(model_dir)
@@ -226,7 +236,9 @@ def train(
     t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
     pending_metrics = []
     eval_results: dict[str, dict[str, float]] = {}
-    with mesh:
+    nonfinite_step, preempted = None, False
+    stop_request = preemption.StopRequest()
+    with mesh, stop_request:
         for step in range(start_step, num_train_steps):
             batch = next(train_batches)
             real, total = count_real_tokens(batch)
@@ -241,17 +253,28 @@ def train(
 
             if done % log_every == 0 or done == num_train_steps:
                 means = _mean_metrics(pending_metrics)
+                means["skipped_steps"] = round(means.pop("update_skipped") * len(pending_metrics))
                 elapsed = time.perf_counter() - t_interval
                 rates = {"steps_per_s": steps_in_interval / elapsed,
                          "tokens_per_s": all_tokens / elapsed, "real_tokens_per_s": real_tokens / elapsed}
                 eta = (num_train_steps - done) / max(rates["steps_per_s"], 1e-9)
                 if is_chief:
                     print(progress_line(done, num_train_steps, means, rates, eta), flush=True)
+                    if means["skipped_steps"]:
+                        print(f"  {means['skipped_steps']} step(s) up to {done} skipped: non-finite loss or "
+                              "gradients", flush=True)
                 writer.write("train", done, {**means, **rates})
                 t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
                 pending_metrics = []
 
-            ckpt.save(done, state, train_batches, force=done == num_train_steps)
+            saved = ckpt.save(done, state, train_batches, force=done == num_train_steps)
+            if on_nonfinite == "stop" and float(metrics["update_skipped"]):  # waits for this step
+                nonfinite_step = done
+            preempted = stop_request.reached(done)
+            if nonfinite_step is not None or preempted:
+                if not saved:
+                    ckpt.save(done, state, train_batches, force=True)
+                break
 
             if done % eval_every == 0 or done == num_train_steps:
                 t_eval = time.perf_counter()
@@ -269,6 +292,18 @@ def train(
     ckpt.wait()
     ckpt.close()
     writer.close()
+    if nonfinite_step is not None:
+        raise UserError(
+            f"Non-finite loss or gradients at step {nonfinite_step} (train.on_nonfinite='stop'). Its update was "
+            f"not applied: checkpoint {ckpt.directory}/{nonfinite_step} holds the parameters of step "
+            f"{nonfinite_step - 1}. Lower the learning rate, or set train.on_nonfinite='skip', and run the same "
+            "command to continue after this batch."
+        )
+    if preempted:
+        print(f"Stopped by a preemption signal at step {int(state.step)}; checkpoint saved in "
+              f"{ckpt.directory}. Run the same command to resume.", flush=True)
+        return TrainResult(model_dir=model_dir, step=int(state.step), eval_results=eval_results,
+                           exit_code=stop_request.exit_code)
     if is_chief:
         with open(os.path.join(model_dir, "eval_results.json"), "w") as f:
             json.dump({"step": int(state.step), "tasks": eval_results}, f, indent=2)
@@ -303,5 +338,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:  # gin errors included; internal bugs keep their traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return result.exit_code
 

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -157,6 +158,54 @@ def test_killed_run_resumes_exactly_where_it_stopped(tmp_path):
     assert _losses_by_step(interrupted) == _losses_by_step(reference), f"killed at step {killed_at}"
     jax.tree_util.tree_map(np.testing.assert_array_equal, _saved_params(interrupted, steps),
                            _saved_params(reference, steps))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_in_flight_and_exits_143(tmp_path):
+    model_dir = str(tmp_path / "run")
+    proc = subprocess.Popen(_train_command(model_dir, "--gin.TRAIN_STEPS=10000", "--gin.train.checkpoint_every=1000"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        _wait_for_step(proc, model_dir, 5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:]
+    stopped_at = max(_losses_by_step(model_dir))
+    assert f"Stopped by a preemption signal at step {stopped_at}" in stdout
+    assert os.listdir(os.path.join(model_dir, "checkpoints")) == [str(stopped_at)]
+
+
+# An SGD learning rate of 1e30 makes the parameters overflow within a few steps.
+DIVERGING = ["--gin.make_optimizer.name='sgd'", "--gin.make_schedule.name='constant'",
+             "--gin.make_schedule.learning_rate=1e30", "--gin.train.checkpoint_every=1000"]
+
+
+@pytest.mark.slow
+def test_nonfinite_stop_saves_the_last_good_parameters_and_names_the_step(tmp_path, capsys):
+    model_dir = str(tmp_path / "run")
+    code, out = _run_main(TINY_RUN + DIVERGING + [f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=20",
+                                                  "--gin.train.on_nonfinite='stop'", "--gin.train.log_every=1"], capsys)
+    assert code == 2, out.err
+    bad_step = int(re.search(r"Non-finite loss or gradients at step (\d+)", out.err).group(1))
+    assert 1 <= bad_step < 20
+    assert os.listdir(os.path.join(model_dir, "checkpoints")) == [str(bad_step)]
+    params = _saved_params(model_dir, bad_step)
+    assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.slow
+def test_nonfinite_skip_counts_skipped_steps_and_finishes(tmp_path, capsys):
+    model_dir = str(tmp_path / "run")
+    code, out = _run_main(TINY_RUN + DIVERGING + [f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=10",
+                                                  "--gin.train.eval_every=1000"], capsys)
+    assert code == 0, out.err
+    train = [r for r in _jsonl(model_dir) if r["group"] == "train"]
+    assert train[-1]["step"] == 10 and sum(r["skipped_steps"] for r in train) >= 5
+    assert "skipped: non-finite loss or gradients" in out.out
+    params = _saved_params(model_dir, 10)
+    assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves(params))
 
 
 # --- Errors a user can make: a clear message, exit code 2, nothing written ------------------------------
