@@ -146,6 +146,9 @@ class Checkpointer:
             raise self._mismatch_error(step, error) from error
         return None
 
+    def saving_in_progress(self) -> bool:
+        return self._manager.is_saving_in_progress()
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

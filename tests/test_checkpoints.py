@@ -1,14 +1,19 @@
 """Checkpointer: fallback past damaged checkpoints, mismatch errors, what is kept."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from t5lite import checkpoints
+from t5lite import checkpoints, export
 from t5lite.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _state(value: float):
@@ -62,3 +67,69 @@ def test_an_empty_directory_restores_nothing(tmp_path):
     ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=1)
     assert ckpt.restore_latest(_abstract(_state(0))) is None
     ckpt.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_writes_only_the_params_in_the_requested_dtype(tmp_path, dtype):
+    state = {**_state(1.5), "opt_state": {"mu": jnp.ones((4, 8))}}
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "run"), save_every=1)
+    ckpt.save(7, state)
+    ckpt.close()
+    out = export.export_params(str(tmp_path / "run" / "7"), str(tmp_path / "release"), dtype=dtype)
+    released = ocp.StandardCheckpointer().restore(out)
+    assert set(released) == {"w", "b"}
+    assert released["w"].dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(released["b"], np.float32), np.full((8,), -1.5))
+    with pytest.raises(UserError, match="already exists"):
+        export.export_params(str(tmp_path / "run" / "7"), out)
+
+
+# Runs in a fresh process: the simulated device count must be set before jax initialises.
+RESHARD_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[2]
+import jax, numpy as np
+from t5lite import checkpoints, partitioning, trainer
+from t5lite.model.config import TransformerConfig
+from t5lite.model.models import Model
+from t5lite.optim import make_optimizer, make_schedule
+
+action, _, directory, preset, data, fsdp, tensor = sys.argv[1:]
+config = TransformerConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48,
+                           num_encoder_layers=2, num_decoder_layers=2)
+model = Model(config)
+tx = make_optimizer(name="adamw", schedule=make_schedule(name="constant", learning_rate=1e-3)).tx
+mesh = partitioning.make_mesh(data=int(data), fsdp=int(fsdp), tensor=int(tensor))
+init = trainer.make_sharded_init(model, tx, model.input_shapes(8, {"inputs": 16, "targets": 8}), mesh,
+                                 partitioning.axis_rules(preset))
+ckpt = checkpoints.Checkpointer(directory, save_every=1)
+flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+if action == "save":
+    state = init.init_fn(jax.random.PRNGKey(7))
+    ckpt.save(3, state, force=True)
+    ckpt.wait()
+    np.savez(directory + "/expected.npz", **flat(state))
+else:
+    state = ckpt.restore(3, init.abstract_state)
+    expected = np.load(directory + "/expected.npz")
+    got = flat(state)
+    assert sorted(got) == sorted(expected.files)
+    for name, value in got.items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+    specs = {str(x.sharding.spec) for x in jax.tree_util.tree_leaves(state.params)}
+    assert any("tensor" in s for s in specs) and not any("fsdp" in s for s in specs), specs
+    print("restored", len(got), "arrays on", jax.device_count(), "devices")
+ckpt.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_saved_on_8_devices_restores_on_2_with_another_preset(tmp_path):
+    run = [sys.executable, "-c", RESHARD_SCRIPT]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    subprocess.run(run + ["save", "8", str(tmp_path), "fsdp+tp", "2", "2", "2"], env=env, check=True,
+                   capture_output=True, timeout=300)
+    restored = subprocess.run(run + ["restore", "2", str(tmp_path), "tp", "1", "1", "2"], env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert "on 2 devices" in restored.stdout
