@@ -7,7 +7,10 @@ Orbax writes a step into a temporary directory and renames it once every item of
 is complete, so a step directory is a whole checkpoint (a crash mid-save leaves only a
 *.orbax-checkpoint-tmp-* directory, which is ignored). Saves run in the background: training
 continues while a save is written, and the manager blocks only when the next save starts (or at
-close). A checkpoint that is complete but unreadable (truncated or damaged files) is renamed
+close). Kept: the last `keep` steps, the best step by a monitored eval metric (if any), and
+pinned steps (a file PINNED in the step directory: Checkpointer.pin(step) or `touch`); orbax
+deletes older steps only after a newer save has committed, so the newest good checkpoint is never
+collected. A checkpoint that is complete but unreadable (truncated or damaged files) is renamed
 <step>.unreadable by restore_latest(), with a warning, and the one before it is used.
 """
 
@@ -15,10 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -26,6 +32,7 @@ from t5lite.errors import UserError
 
 STATE = "state"
 DATA_ITERATOR = "data_iterator"
+PINNED = "PINNED"
 
 
 class CheckpointableIterator(Protocol):
@@ -74,15 +81,37 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
     iterator: CheckpointableIterator
 
 
-class Checkpointer:
-    """Saves every `save_every` steps, keeps the last `keep`, restores the newest readable step."""
+@dataclasses.dataclass
+class PinnedSteps(ocp.checkpoint_managers.PreservationPolicy):
+    """Orbax preservation policy: keep every step whose directory holds a PINNED file."""
 
-    def __init__(self, directory: str, *, save_every: int, keep: int | None = 3, async_save: bool = True):
+    directory: str
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [os.path.exists(os.path.join(self.directory, str(c.step), PINNED)) for c in checkpoints]
+
+
+class Checkpointer:
+    """Saves every `save_every` steps and restores the newest readable step.
+
+    Kept: the last `keep` steps (None: all), pinned steps, and, if `best_metric` is set, the step
+    whose save() metrics[best_metric] is the lowest (best_mode="min") or highest ("max").
+    """
+
+    def __init__(self, directory: str, *, save_every: int, keep: int | None = 3, async_save: bool = True,
+                 best_metric: str | None = None, best_mode: str = "min"):
         self.directory = os.path.abspath(directory)
         self.save_every = save_every
+        if best_mode not in ("min", "max"):
+            raise UserError(f"The best checkpoint's mode must be 'min' or 'max', got {best_mode!r}.")
+        policies = [ocp.checkpoint_managers.LatestN(n=keep), PinnedSteps(self.directory)]
+        if best_metric is not None:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=1,
+                keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1,  # the interval is applied in save(); orbax would also save step 1
-            max_to_keep=keep,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             create=True,
             cleanup_tmp_directories=True,  # leftovers of saves interrupted by a crash
             enable_async_checkpointing=async_save,
@@ -98,15 +127,22 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: CheckpointableIterator | None = None, *,
-             force: bool = False) -> bool:
+             force: bool = False, metrics: Mapping[str, float] | None = None) -> bool:
         """Starts saving `state` (and the pipeline position) at `step` every `save_every` steps or if
-        force; returns whether it did. Blocks only while a previous save is still being written."""
+        force; returns whether it did. Blocks only while a previous save is still being written.
+        `metrics` (e.g. this step's eval) rank the step for the best-checkpoint policy."""
         if not force and step % self.save_every:
             return False
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items[DATA_ITERATOR] = DataIteratorSave(data_iterator)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=True,
+                                  metrics=dict(metrics) if metrics else None)
+
+    def pin(self, step: int) -> None:
+        """Keeps `step` whatever the keep policy says (until its PINNED file is removed)."""
+        with open(os.path.join(self.directory, str(step), PINNED), "w") as f:
+            f.write("kept by Checkpointer.pin; delete this file to let the keep policy decide\n")
 
     def restore(self, step: int, abstract_state: Any, data_iterator: CheckpointableIterator | None = None) -> Any:
         """The state of `step`, on the shardings carried by `abstract_state` (ShapeDtypeStructs).
@@ -187,6 +223,67 @@ def _unused_path(path: str) -> str:
     while os.path.exists(candidate):
         candidate, n = f"{path}.{n}", n + 1
     return candidate
+
+
+def read_params(checkpoint: str) -> dict:
+    """The params of a training checkpoint (MODEL_DIR/checkpoints/<step>) as host numpy arrays.
+
+    Only the params are read (not the optimizer state), and the model's configuration is not needed.
+    """
+    path = os.path.join(os.path.abspath(checkpoint), STATE)
+    if not os.path.isdir(path):
+        raise UserError(f"{checkpoint} is not a t5lite checkpoint (no {STATE}/ inside); pass "
+                        "MODEL_DIR/checkpoints/<step>.")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        params_metadata = {"params": checkpointer.metadata(path).item_metadata.tree["params"]}
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_metadata)
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=params_metadata, restore_args=restore_args, partial_restore=True))
+    return restored["params"]
+
+
+def load_initial_params(checkpoint: str, init_params: Any, *, rename: Mapping[str, str] | None = None) -> Any:
+    """`init_params` with every parameter the checkpoint has replaced by the checkpoint's value.
+
+    Parameters are named by their "/"-joined path (e.g. "encoder/layers/mlp/wi_0/kernel"). `rename`
+    maps regular expressions over the CHECKPOINT's names to replacements (re.sub, applied in order),
+    e.g. {"^decoder/": "decoder_stack/"}. Parameters the checkpoint lacks keep their fresh
+    initialisation (listed on stderr); a shape mismatch is a UserError. Values take the shardings of
+    `init_params`.
+    """
+    loaded = {}
+    for name, value in _flat_by_name(read_params(checkpoint)).items():
+        for pattern, replacement in (rename or {}).items():
+            name = re.sub(pattern, replacement, name)
+        loaded[name] = value
+    targets = _flat_by_name(init_params)
+    mismatched = [f"{n}: checkpoint {loaded[n].shape}, model {targets[n].shape}"
+                  for n in targets if n in loaded and loaded[n].shape != targets[n].shape]
+    if mismatched:
+        raise UserError(f"{checkpoint} does not fit the model: {'; '.join(mismatched[:5])}. Check the model's gin "
+                        "settings, or rename parameters with train.initial_checkpoint_rename.")
+    fresh = sorted(set(targets) - set(loaded))
+    unused = sorted(set(loaded) - set(targets))
+    if fresh or unused:
+        print(f"WARNING: initial checkpoint {checkpoint}: {len(fresh)} parameter(s) it lacks keep their fresh "
+              f"initialisation {fresh[:10]}; {len(unused)} of its parameter(s) are unused {unused[:10]}",
+              file=sys.stderr, flush=True)
+
+    def pick(path, init_value):
+        name = _path_name(path)
+        if name not in loaded:
+            return init_value
+        return jax.device_put(loaded[name].astype(init_value.dtype), init_value.sharding)
+
+    return jax.tree_util.tree_map_with_path(pick, init_params)
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _flat_by_name(tree: Any) -> dict[str, Any]:
+    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract_like(state: Any) -> Any:

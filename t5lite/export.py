@@ -16,31 +16,12 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from t5lite import checkpoints
 from t5lite.errors import UserError
 
 EXPORT_DTYPES = ("float32", "bfloat16")
-
-
-def read_params(checkpoint: str) -> dict:
-    """The params of a training checkpoint (MODEL_DIR/checkpoints/<step>) as host numpy arrays.
-
-    Only the params are read (not the optimizer state), without the model's configuration.
-    """
-    path = os.path.join(os.path.abspath(checkpoint), checkpoints.STATE)
-    if not os.path.isdir(path):
-        raise UserError(f"{checkpoint} is not a t5lite checkpoint (no {checkpoints.STATE}/ inside); pass "
-                        "MODEL_DIR/checkpoints/<step>.")
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(path).item_metadata.tree
-        params_metadata = {"params": metadata["params"]}
-        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_metadata)
-        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-            item=params_metadata, restore_args=restore_args, partial_restore=True))
-    return restored["params"]
 
 
 def export_params(checkpoint: str, output: str, *, dtype: str = "float32") -> str:
@@ -50,8 +31,8 @@ def export_params(checkpoint: str, output: str, *, dtype: str = "float32") -> st
     output = os.path.abspath(output)
     if os.path.exists(output):
         raise UserError(f"{output} already exists; choose a new --output directory.")
-    params = jax.tree_util.tree_map(
-        lambda x: x.astype(jnp.dtype(dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else x, read_params(checkpoint))
+    cast = lambda x: x.astype(jnp.dtype(dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    params = jax.tree_util.tree_map(cast, checkpoints.read_params(checkpoint))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(output, params)
     return output

@@ -140,6 +140,10 @@ def train(
     eval_batches: int = 8,
     checkpoint_every: int = 200,
     keep_checkpoints: int = 3,
+    checkpoint_best_metric: str | None = None,
+    checkpoint_best_mode: str = "min",
+    initial_checkpoint_path: str | None = None,
+    initial_checkpoint_rename: Mapping[str, str] = {},  # noqa: B006
     on_nonfinite: str = "skip",
 ) -> TrainResult:
     """Trains for `num_train_steps` (resuming from MODEL_DIR's latest checkpoint); returns the final eval.
@@ -147,6 +151,13 @@ def train(
     batch_size is the global batch (all hosts); eval runs every `eval_every` steps on the first
     `eval_batches` batches of `eval_split` of each task of the eval mixture (default: the train
     mixture).
+
+    State: the latest checkpoint in MODEL_DIR/checkpoints if there is one (exact resume), else a
+    fresh initialisation whose params are replaced by those of `initial_checkpoint_path` (a
+    .../checkpoints/<step> directory; see checkpoints.load_initial_params for the renaming) if set.
+    Checkpoints kept: the last `keep_checkpoints`, pinned ones, and with `checkpoint_best_metric`
+    (an eval metric averaged over the eval tasks, e.g. "loss") the best one by
+    `checkpoint_best_mode` among the steps saved when an eval ran.
 
     A step whose loss or gradients are not finite is never applied. on_nonfinite="skip" goes on
     with the next batch (metrics.jsonl counts skipped_steps); "stop" saves a checkpoint at that
@@ -199,14 +210,19 @@ def train(
     # a resumed run sees exactly the batches an uninterrupted run would have seen.
     train_batches = pipeline.get_batches(mixture_or_task_name, split="train", shuffle=True, num_epochs=None,
                                          seed=seed, **batch_kwargs)
-    ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"),
-                                    save_every=checkpoint_every, keep=keep_checkpoints)
+    ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), save_every=checkpoint_every,
+                                    keep=keep_checkpoints, best_metric=checkpoint_best_metric,
+                                    best_mode=checkpoint_best_mode)
     resumed = ckpt.restore_latest(init.abstract_state, train_batches)
     if resumed is not None:
         state, latest = resumed
         print(f"Resumed from {ckpt.directory}/{latest}", flush=True)
     else:
         state = init.init_fn(jax.random.PRNGKey(seed))
+        if initial_checkpoint_path:
+            state = state.replace(params=checkpoints.load_initial_params(
+                initial_checkpoint_path, state.params, rename=initial_checkpoint_rename))
+            print(f"Initialised the params from {initial_checkpoint_path}", flush=True)
     start_step = int(state.step)
 
     # --- Compiled steps ---------------------------------------------------------------------------
@@ -267,16 +283,13 @@ def train(
                 t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
                 pending_metrics = []
 
-            saved = ckpt.save(done, state, train_batches, force=done == num_train_steps)
             if on_nonfinite == "stop" and float(metrics["update_skipped"]):  # waits for this step
                 nonfinite_step = done
             preempted = stop_request.reached(done)
-            if nonfinite_step is not None or preempted:
-                if not saved:
-                    ckpt.save(done, state, train_batches, force=True)
-                break
+            stop = nonfinite_step is not None or preempted
 
-            if done % eval_every == 0 or done == num_train_steps:
+            evaluated = not stop and (done % eval_every == 0 or done == num_train_steps)
+            if evaluated:
                 t_eval = time.perf_counter()
                 eval_results = evaluate(eval_step, state.params, eval_data, mesh)
                 for task, m in eval_results.items():
@@ -286,6 +299,11 @@ def train(
                               f"perplexity {m['perplexity']:.2f}  ({format_duration(time.perf_counter() - t_eval)})",
                               flush=True)
                 t_interval = time.perf_counter()  # keep eval time out of the training rates
+
+            ckpt.save(done, state, train_batches, force=stop or done == num_train_steps,
+                      metrics=_mean_over_tasks(eval_results) if evaluated else None)
+            if stop:
+                break
 
     if start_step >= num_train_steps:
         eval_results = evaluate(eval_step, state.params, eval_data, mesh)
@@ -319,6 +337,11 @@ def _with_rules(fn, rules):
             return fn(*args)
 
     return wrapped
+
+
+def _mean_over_tasks(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """{task: {metric: value}} -> {metric: mean over tasks}."""
+    return {k: float(np.mean([m[k] for m in results.values()])) for k in next(iter(results.values()))}
 
 
 def _mean_metrics(metrics: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:

@@ -69,6 +69,33 @@ def test_an_empty_directory_restores_nothing(tmp_path):
     ckpt.close()
 
 
+def test_keeps_the_last_n_the_best_by_metric_and_pinned_steps(tmp_path):
+    ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=1, keep=2, best_metric="loss", best_mode="min")
+    for step, loss in zip(range(1, 7), [5.0, 4.0, 1.0, 3.0, 2.0, 2.5], strict=True):
+        ckpt.save(step, _state(step), metrics={"loss": loss})
+        ckpt.wait()
+        if step == 2:
+            ckpt.pin(2)
+    assert ckpt.all_steps() == [2, 3, 5, 6]  # pinned, best loss, last two
+    ckpt.close()
+
+
+def test_initial_params_are_loaded_by_name_renamed_and_missing_ones_keep_their_init(tmp_path, capsys):
+    saved = {"step": jnp.asarray(5), "params": {
+        "encoder": {"w": jnp.full((4, 8), 2.0)}, "old": {"b": jnp.full((8,), 3.0)}, "head": {"k": jnp.ones((2,))}}}
+    ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=1)
+    ckpt.save(5, saved)
+    ckpt.close()
+    init = {"encoder": {"w": jnp.zeros((4, 8))}, "new": {"b": jnp.zeros((8,))}, "adapter": {"c": jnp.full((3,), 9.0)}}
+    params = checkpoints.load_initial_params(str(tmp_path / "5"), init, rename={"^old/": "new/"})
+    np.testing.assert_array_equal(params["encoder"]["w"], np.full((4, 8), 2.0))
+    np.testing.assert_array_equal(params["new"]["b"], np.full((8,), 3.0))
+    np.testing.assert_array_equal(params["adapter"]["c"], np.full((3,), 9.0))
+    assert "adapter/c" in capsys.readouterr().err
+    with pytest.raises(UserError, match="encoder/w"):
+        checkpoints.load_initial_params(str(tmp_path / "5"), {"encoder": {"w": jnp.zeros((4, 4))}})
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_export_writes_only_the_params_in_the_requested_dtype(tmp_path, dtype):
     state = {**_state(1.5), "opt_state": {"mu": jnp.ones((4, 8))}}
