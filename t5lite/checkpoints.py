@@ -20,6 +20,7 @@ import dataclasses
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -33,6 +34,8 @@ from t5lite.errors import UserError
 STATE = "state"
 DATA_ITERATOR = "data_iterator"
 PINNED = "PINNED"
+# How a full disk, a permission problem or a vanished directory surface from orbax and tensorstore.
+WRITE_ERRORS = (OSError, RuntimeError, ValueError)
 
 
 class CheckpointableIterator(Protocol):
@@ -102,6 +105,7 @@ class Checkpointer:
                  best_metric: str | None = None, best_mode: str = "min"):
         self.directory = os.path.abspath(directory)
         self.save_every = save_every
+        self._step_in_flight: int | None = None
         if best_mode not in ("min", "max"):
             raise UserError(f"The best checkpoint's mode must be 'min' or 'max', got {best_mode!r}.")
         policies = [ocp.checkpoint_managers.LatestN(n=keep), PinnedSteps(self.directory)]
@@ -115,6 +119,9 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,  # leftovers of saves interrupted by a crash
             enable_async_checkpointing=async_save,
+            # An unwritable directory then fails in save() itself (asynchronous creation would
+            # leave orbax's background threads waiting minutes for a directory that never comes).
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
@@ -136,8 +143,29 @@ class Checkpointer:
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items[DATA_ITERATOR] = DataIteratorSave(data_iterator)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=True,
-                                  metrics=dict(metrics) if metrics else None)
+        try:
+            started = self._manager.save(step, args=ocp.args.Composite(**items), force=True,
+                                         metrics=dict(metrics) if metrics else None)
+            self._step_in_flight = step
+            return started
+        except WRITE_ERRORS as e:  # also a failed background write of the previous save
+            self._report_write_error(step, e)
+            return False
+
+    def save_until_written(self, step: int, state: Any, data_iterator: CheckpointableIterator | None = None, *,
+                           retry_every_s: float = 30.0) -> None:
+        """Blocks until `step` is committed, retrying a failed save every `retry_every_s` seconds.
+
+        The state stays in memory meanwhile (free disk space or fix permissions; Ctrl-C gives up).
+        """
+        while True:
+            if self.wait() and step in self.all_steps():
+                return
+            if self.save(step, state, data_iterator, force=True) and self.wait():
+                return
+            print(f"Retrying the save of step {step} in {retry_every_s:g}s (Ctrl-C gives up).", file=sys.stderr,
+                  flush=True)
+            time.sleep(retry_every_s)
 
     def pin(self, step: int) -> None:
         """Keeps `step` whatever the keep policy says (until its PINNED file is removed)."""
@@ -185,8 +213,14 @@ class Checkpointer:
     def saving_in_progress(self) -> bool:
         return self._manager.is_saving_in_progress()
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
+    def wait(self) -> bool:
+        """Blocks until the save in flight is written; returns False (after reporting it) if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except WRITE_ERRORS as e:
+            self._report_write_error(self._step_in_flight, e)
+            return False
+        return True
 
     def close(self) -> None:
         self._manager.close()
@@ -205,6 +239,11 @@ class Checkpointer:
             os.replace(path, _unused_path(path + ".unreadable"))
         ocp.multihost.sync_global_processes(f"t5lite_set_aside_{step}")
         self._manager.reload()
+
+    def _report_write_error(self, step: int | None, error: Exception) -> None:
+        print(f"ERROR: a checkpoint save (step {step}) to {self.directory} failed ({type(error).__name__}: "
+              f"{_first_line(error)}). Training goes on with the state in memory and the next save retries: "
+              "free disk space or fix the directory's permissions.", file=sys.stderr, flush=True)
 
     def _mismatch_error(self, step: int, error: Exception) -> UserError:
         return UserError(

@@ -307,7 +307,8 @@ def train(
 
     if start_step >= num_train_steps:
         eval_results = evaluate(eval_step, state.params, eval_data, mesh)
-    ckpt.wait()
+    else:  # the last state must reach the disk: a failed save is retried, not dropped
+        ckpt.save_until_written(int(state.step), state, train_batches)
     ckpt.close()
     writer.close()
     if nonfinite_step is not None:

@@ -1,8 +1,10 @@
 """Checkpointer: fallback past damaged checkpoints, mismatch errors, what is kept."""
 
 import os
+import shutil
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +68,26 @@ def test_a_checkpoint_of_another_model_is_a_user_error_and_nothing_is_set_aside(
 def test_an_empty_directory_restores_nothing(tmp_path):
     ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=1)
     assert ckpt.restore_latest(_abstract(_state(0))) is None
+    ckpt.close()
+
+
+def test_a_failed_save_is_reported_and_the_final_save_retries_until_the_directory_works(tmp_path, capsys):
+    directory = tmp_path / "checkpoints"
+    ckpt = _saved(directory, [1])
+    shutil.rmtree(directory)
+    directory.write_text("a file where the directory was")  # writes now fail (root ignores chmod)
+    assert not ckpt.save(2, _state(2))
+    assert "step 2" in capsys.readouterr().err
+
+    def repair():
+        directory.unlink()
+        directory.mkdir()
+
+    threading.Timer(1.0, repair).start()
+    ckpt.save_until_written(3, _state(3), retry_every_s=0.2)
+    assert 3 in ckpt.all_steps() and "Retrying the save of step 3" in capsys.readouterr().err
+    restored, step = ckpt.restore_latest(_abstract(_state(0)))
+    assert step == 3 and float(restored["params"]["w"][0, 0]) == 3.0
     ckpt.close()
 
 
