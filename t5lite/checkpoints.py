@@ -227,8 +227,12 @@ class Checkpointer:
 
     def _restore(self, step: int, abstract_state: Any, data_iterator: CheckpointableIterator | None) -> Any:
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None and os.path.isdir(os.path.join(self.directory, str(step), DATA_ITERATOR)):
-            items[DATA_ITERATOR] = DataIteratorRestore(data_iterator)
+        if data_iterator is not None:
+            if os.path.isdir(os.path.join(self.directory, str(step), DATA_ITERATOR)):
+                items[DATA_ITERATOR] = DataIteratorRestore(data_iterator)
+            else:
+                print(f"WARNING: checkpoint {self.directory}/{step} holds no input-pipeline position; the data "
+                      "stream starts from its beginning.", file=sys.stderr, flush=True)
         return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
 
     def _set_aside(self, step: int, error: Exception, *, used_step: int) -> None:
