@@ -207,6 +207,34 @@ def test_same_seed_gives_the_same_batches_and_another_seed_different_ones():
     assert not same(first_batches(seed=8), reference)
 
 
+@pytest.mark.parametrize("objective", ["span_corruption", "prefix_lm"])
+def test_a_restored_stream_continues_with_the_batches_the_saved_one_would_have_given(tmp_path, objective):
+    # Through the mixture sampler, document and example shuffling, seeded objectives and packing.
+    model_type, lengths = OBJECTIVES[objective]
+
+    def stream():
+        return batches(f"t5lite_default_{objective}", model_type, lengths, split="train", batch_size=4,
+                       shuffle=True, seed=3)
+
+    saved = stream()
+    for _ in range(3):
+        next(saved)
+    saved.save(str(tmp_path / "position"))
+    expected = [next(saved) for _ in range(3)]
+
+    restored = stream()
+    restored.restore(str(tmp_path / "position"))
+    got = [next(restored) for _ in range(3)]
+    for want, have in zip(expected, got, strict=True):
+        assert want.keys() == have.keys() and all(np.array_equal(want[k], have[k]) for k in want)
+
+
+def test_a_stream_cannot_be_saved_before_its_first_batch_is_taken(tmp_path):
+    stream = batches("tiny_shakespeare_lm", "decoder_only", {"targets": 64})
+    with pytest.raises(RuntimeError, match="next"):
+        stream.save(str(tmp_path / "position"))
+
+
 def lm_rows(**kwargs) -> list[list[int]]:
     """Every (unpacked) validation row of tiny_shakespeare_lm, without padding."""
     rows = batches(
