@@ -199,14 +199,14 @@ def train(
     loss_config = trainer.LossConfig(label_smoothing=label_smoothing, z_loss=z_loss)
     batch_sharding = partitioning.batch_sharding(mesh)
     train_step = jax.jit(
-        _with_rules(trainer.make_train_step(
+        partitioning.with_sharding_rules(trainer.make_train_step(
             model, optimizer.tx, optimizer.schedule, loss_config=loss_config,
-            num_microbatches=num_microbatches, use_dropout=config.dropout_rate > 0), rules),
+            num_microbatches=num_microbatches, use_dropout=config.dropout_rate > 0), mesh, rules),
         in_shardings=(init.state_shardings, batch_sharding, None),
         out_shardings=(init.state_shardings, None),
         donate_argnums=(0,),
     )
-    eval_step = jax.jit(_with_rules(trainer.make_eval_step(model, loss_config), rules),
+    eval_step = jax.jit(partitioning.with_sharding_rules(trainer.make_eval_step(model, loss_config), mesh, rules),
                         in_shardings=(init.state_shardings.params, batch_sharding))
 
     # The train stream restarts from a seed derived from the resume step: a resumed run continues
@@ -228,7 +228,7 @@ def train(
     t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
     pending_metrics = []
     eval_results: dict[str, dict[str, float]] = {}
-    with mesh:
+    with jax.set_mesh(mesh):  # (`with mesh:` is deprecated in jax 0.10 and no longer sets it)
         for step in range(start_step, num_train_steps):
             batch = next(train_batches)
             real, total = count_real_tokens(batch)
@@ -275,17 +275,6 @@ def train(
         with open(os.path.join(model_dir, "eval_results.json"), "w") as f:
             json.dump({"step": int(state.step), "tasks": eval_results}, f, indent=2)
     return TrainResult(model_dir=model_dir, step=int(state.step), eval_results=eval_results)
-
-
-def _with_rules(fn, rules):
-    """Runs `fn` under the logical axis rules, so activation constraints resolve to mesh axes."""
-    import flax.linen as nn  # noqa: PLC0415
-
-    def wrapped(*args):
-        with nn.logical_axis_rules(rules):
-            return fn(*args)
-
-    return wrapped
 
 
 def _mean_metrics(metrics: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:

@@ -99,6 +99,14 @@ def get_batches(
     return itertools.chain([first_batch], batches)
 
 
+def batch_feature_shapes(
+    task_feature_lengths: Mapping[str, int], *, model_type: str, batch_size: int, pack: bool = True,
+) -> dict[str, tuple[int, int]]:
+    """{feature: (batch_size, length)} of the int32 batches get_batches yields, without reading data."""
+    lengths = _feature_converter(model_type, pack).get_model_feature_lengths(dict(task_feature_lengths))
+    return {name: (batch_size, length) for name, length in lengths.items()}
+
+
 def list_tasks_of(mixture_or_task_name: str) -> list[str]:
     """Names of the Tasks in a Mixture (sorted), or [name] for a Task."""
     provider = _get_provider(mixture_or_task_name)
