@@ -33,6 +33,7 @@ import numpy as np
 import seqio
 
 from t5lite import checkpoints, gin_cli, partitioning, trainer
+from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model, normalize_metric_sums
@@ -139,12 +140,14 @@ def train(
     eval_batches: int = 8,
     checkpoint_every: int = 200,
     keep_checkpoints: int = 3,
+    write_host_records: bool = False,
 ) -> TrainResult:
     """Trains for `num_train_steps` (resuming from MODEL_DIR's latest checkpoint); returns the final eval.
 
     batch_size is the global batch (all hosts); eval runs every `eval_every` steps on the first
     `eval_batches` batches of `eval_split` of each task of the eval mixture (default: the train
-    mixture).
+    mixture). write_host_records (debugging multi-host runs): every process appends its view of each
+    step, {"step", "loss", "rows": hashes of the batch rows it read}, to MODEL_DIR/host-<process>.jsonl.
     """
     from t5lite.data import pipeline  # noqa: PLC0415  (registers the tasks)
 
@@ -234,6 +237,10 @@ def train(
             real, total = count_real_tokens(batch)
             real_tokens, all_tokens = real_tokens + real, all_tokens + total
             state, metrics = train_step(state, partitioning.shard_batch(batch, mesh), dropout_rng)
+            if write_host_records:
+                with open(os.path.join(model_dir, f"host-{jax.process_index()}.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step + 1, "loss": float(metrics["loss"]),
+                                        "rows": pipeline.row_fingerprints(batch)}) + "\n")
             pending_metrics.append(metrics)
             steps_in_interval += 1
             done = step + 1
@@ -286,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, bindings = gin_cli.parse_args(argv, description=__doc__)
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         search_paths = [p for p in args.gin_search_paths.split(",") if p]
         gin_cli.parse_gin(args.gin_file, bindings, search_paths)
         result = train()

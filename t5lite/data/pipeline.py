@@ -8,6 +8,7 @@ Usage:
 """
 
 import difflib
+import hashlib
 import itertools
 from collections.abc import Iterator, Mapping
 
@@ -105,6 +106,13 @@ def batch_feature_shapes(
     """{feature: (batch_size, length)} of the int32 batches get_batches yields, without reading data."""
     lengths = _feature_converter(model_type, pack).get_model_feature_lengths(dict(task_feature_lengths))
     return {name: (batch_size, length) for name, length in lengths.items()}
+
+
+def row_fingerprints(batch: Mapping[str, np.ndarray]) -> list[str]:
+    """A short hash of each row [batch] of a batch (all its features): compares what hosts read."""
+    size = len(next(iter(batch.values())))
+    return [hashlib.sha1(b"".join(batch[k][i].tobytes() for k in sorted(batch))).hexdigest()[:16]
+            for i in range(size)]
 
 
 def list_tasks_of(mixture_or_task_name: str) -> list[str]:
