@@ -200,17 +200,11 @@ def train(
 
     # --- Compiled steps ---------------------------------------------------------------------------
     loss_config = trainer.LossConfig(label_smoothing=label_smoothing, z_loss=z_loss)
-    batch_sharding = partitioning.batch_sharding(mesh)
-    train_step = jax.jit(
-        partitioning.with_sharding_rules(trainer.make_train_step(
-            model, optimizer.tx, optimizer.schedule, loss_config=loss_config,
-            num_microbatches=num_microbatches, use_dropout=config.dropout_rate > 0), mesh, rules),
-        in_shardings=(init.state_shardings, batch_sharding, None),
-        out_shardings=(init.state_shardings, None),
-        donate_argnums=(0,),
-    )
+    train_step = trainer.jit_train_step(
+        model, optimizer.tx, optimizer.schedule, init, mesh, rules, loss_config=loss_config,
+        num_microbatches=num_microbatches, use_dropout=config.dropout_rate > 0)
     eval_step = jax.jit(partitioning.with_sharding_rules(trainer.make_eval_step(model, loss_config), mesh, rules),
-                        in_shardings=(init.state_shardings.params, batch_sharding))
+                        in_shardings=(init.state_shardings.params, partitioning.batch_sharding(mesh)))
 
     # The train stream restarts from a seed derived from the resume step: a resumed run continues
     # on fresh, deterministic data (not the exact examples an uninterrupted run would have seen).
