@@ -194,6 +194,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """The global batch must split evenly over the data-parallel axes (data x fsdp)."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % ways:
+        raise UserError(f"batch_size={batch_size} is not divisible by the data-parallel mesh axes data x fsdp = "
+                        f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {ways}. Change BATCH_SIZE or make_mesh.")
+
+
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """A host's slice of the global batch -> global jax Arrays sharded over the data axes."""
     sharding = batch_sharding(mesh)

@@ -109,6 +109,7 @@ def compile_train_step(devices: Sequence[jax.Device]) -> jax.stages.Compiled:
 
     mesh = partitioning.make_mesh(devices=devices)
     rules = partitioning.axis_rules(settings["partitioning_preset"])
+    partitioning.check_batch_size(batch_size, mesh)
     init = trainer.make_sharded_init(model, optimizer.tx, model.input_shapes(batch_size, lengths), mesh, rules)
     step = trainer.jit_train_step(
         model, optimizer.tx, optimizer.schedule, init, mesh, rules,
@@ -118,9 +119,6 @@ def compile_train_step(devices: Sequence[jax.Device]) -> jax.stages.Compiled:
     batch_sharding = partitioning.batch_sharding(mesh)
     shapes = pipeline.batch_feature_shapes(lengths, model_type=data_model_type(config, settings["prefix_lm"]),
                                            batch_size=batch_size)
-    if batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise UserError(f"batch_size={batch_size} is not divisible by the data-parallel mesh axes "
-                        f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}.")
     batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_sharding) for k, s in shapes.items()}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     return step.lower(init.abstract_state, batch, rng).compile()
@@ -179,8 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         gin_cli.parse_gin(args.gin_file, bindings, [p for p in args.gin_search_paths.split(",") if p])
         topology = parse_topology(gin.query_parameter("%TOPOLOGY"))
         devices = topology_devices(topology)
-        report = step_report(compile_train_step(devices), topology)
-        print(format_report(report, topology), flush=True)
+        try:
+            compiled = compile_train_step(devices)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            # The TPU compiler refuses a program that cannot fit: that is the answer, not a crash.
+            print(f"topology {topology.name}: DOES NOT FIT: {str(e).splitlines()[0]}", flush=True)
+            return 1
+        print(format_report(step_report(compiled, topology), topology), flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -160,6 +160,7 @@ def train(
     rules = partitioning.axis_rules(partitioning_preset)
     if batch_size % jax.process_count():
         raise UserError(f"batch_size={batch_size} is not divisible by {jax.process_count()} processes.")
+    partitioning.check_batch_size(batch_size, mesh)
 
     # --- Data ------------------------------------------------------------------------------------
     config = TransformerConfig()

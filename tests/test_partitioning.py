@@ -146,6 +146,12 @@ def test_mesh_sizes_that_do_not_multiply_to_the_device_count_are_refused():
         partitioning.make_mesh(data=-1, fsdp=1, tensor=2)
 
 
+def test_a_batch_that_does_not_split_over_the_data_axes_is_refused():
+    with pytest.raises(UserError, match=r"batch_size=12 is not divisible by .* data x fsdp = 2 x 4 = 8"):
+        partitioning.check_batch_size(12, _mesh(2, 4, 1))
+    partitioning.check_batch_size(16, _mesh(2, 4, 2))
+
+
 def test_a_rule_naming_an_unknown_mesh_axis_is_refused():
     with pytest.raises(UserError, match="unknown mesh axis 'model'"):
         partitioning.axis_rules("dp", custom_rules=(("batch", "data"), ("mlp", "model")))
