@@ -22,11 +22,18 @@ TWO_HOST_RUN = [
 ]
 
 
-def _launch(args, *, num_processes=2, devices_per_process=2, timeout=300):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, LAUNCHER, f"--num_processes={num_processes}",
-                           f"--devices_per_process={devices_per_process}", "--", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _launch(args, *, num_processes=2, devices_per_process=2, timeout=300) -> subprocess.CompletedProcess:
+    launcher = subprocess.Popen([sys.executable, LAUNCHER, f"--num_processes={num_processes}",
+                                 f"--devices_per_process={devices_per_process}", "--", *args],
+                                cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher.terminate()  # SIGTERM: the launcher stops its processes (SIGKILL would orphan them)
+        out, _ = launcher.communicate()
+        pytest.fail(f"launch did not finish within {timeout} s:\n{out[-4000:]}")
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, out, "")
 
 
 def _host_records(model_dir, process):
