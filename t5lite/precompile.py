@@ -98,12 +98,15 @@ def train_settings() -> dict[str, Any]:
     return settings
 
 
-def compile_train_step(devices: Sequence[jax.Device]) -> jax.stages.Compiled:
+def tpu_model_config() -> TransformerConfig:
+    """The gin-configured model as it runs on TPU ("auto" dtype is bfloat16 there; this process is on CPU)."""
+    config = TransformerConfig()
+    return dataclasses.replace(config, dtype="bfloat16") if config.dtype == "auto" else config
+
+
+def compile_train_step(devices: Sequence[jax.Device], config: TransformerConfig) -> jax.stages.Compiled:
     """The train step t5lite.train would run on these (TPU) devices, compiled from shapes (gin-configured)."""
     settings = train_settings()
-    config = TransformerConfig()
-    if config.dtype == "auto":  # "auto" means bfloat16 on TPU; this process runs on CPU
-        config = dataclasses.replace(config, dtype="bfloat16")
     model, optimizer = Model(config), make_optimizer()
     lengths, batch_size = dict(settings["task_feature_lengths"]), settings["batch_size"]
 
@@ -124,11 +127,12 @@ def compile_train_step(devices: Sequence[jax.Device]) -> jax.stages.Compiled:
     return step.lower(init.abstract_state, batch, rng).compile()
 
 
-def step_report(compiled: jax.stages.Compiled, topology: Topology) -> dict[str, float]:
-    """Per-chip (= per-device) memory and the compiler's cost analysis for one step, as numbers."""
+def step_report(compiled: jax.stages.Compiled, unrolled: jax.stages.Compiled, topology: Topology) -> dict[str, float]:
+    """Per-chip (= per-device) memory of `compiled` and the compiler's cost analysis of `unrolled`
+    (the same step without nn.scan: XLA's cost analysis counts a loop body once), as numbers."""
     chip = TPU_CHIPS[topology.generation]
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
+    cost = unrolled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     report = {
         "argument_bytes": memory.argument_size_in_bytes,
@@ -177,15 +181,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         gin_cli.parse_gin(args.gin_file, bindings, [p for p in args.gin_search_paths.split(",") if p])
         topology = parse_topology(gin.query_parameter("%TOPOLOGY"))
         devices = topology_devices(topology)
+        config = tpu_model_config()
         try:
-            compiled = compile_train_step(devices)
+            compiled = compile_train_step(devices, config)
+            unrolled = (compile_train_step(devices, dataclasses.replace(config, scan_layers=False))
+                        if config.scan_layers else compiled)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             # The TPU compiler refuses a program that cannot fit: that is the answer, not a crash.
             print(f"topology {topology.name}: DOES NOT FIT: {str(e).splitlines()[0]}", flush=True)
             return 1
-        print(format_report(step_report(compiled, topology), topology), flush=True)
+        print(format_report(step_report(compiled, unrolled, topology), topology), flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
