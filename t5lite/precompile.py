@@ -23,6 +23,7 @@ if __name__ == "__main__":
 
 import dataclasses
 import inspect
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -174,6 +175,8 @@ def format_report(report: dict[str, float], topology: Topology) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Compiling needs no TPU: do not wait for the lock of a process (any jax with libtpu) holding one.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         args, bindings = gin_cli.parse_args(argv, description=__doc__)
         if not any(b.startswith("TOPOLOGY ") for b in bindings):
