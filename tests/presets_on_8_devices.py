@@ -4,8 +4,9 @@ tests/test_partitioning.py, which runs it in a subprocess: the device count is f
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/presets_on_8_devices.py OUT_DIR ARGS...
 
 ARGS are t5lite.train flags shared by every run. Prints one JSON line per preset:
-{"preset", "mesh", "losses" (per logged step), "param_specs" and "state_specs" (name -> mesh axes of
-the arrays the sharded init places, for a few parameters and their Adafactor statistics)}.
+{"preset", "mesh", "trained_mesh" (model-info.txt's line), "losses" (per logged step), "param_specs"
+and "state_specs" (name -> mesh axes of the arrays the sharded init places, for a few parameters
+and their Adafactor statistics)}.
 """
 
 import json
@@ -44,6 +45,8 @@ def main(out_dir: str, args: list[str]) -> None:
         assert code == 0, preset
         with open(os.path.join(model_dir, "metrics.jsonl")) as f:
             losses = [r["loss"] for r in map(json.loads, f) if r["group"] == "train"]
+        with open(os.path.join(model_dir, "model-info.txt")) as f:
+            trained_mesh = next(line.strip() for line in f if line.startswith("mesh: "))  # the mesh train() built
 
         # The arrays the sharded init places, under the same gin config the run used.
         model, optimizer = Model(TransformerConfig()), make_optimizer()
@@ -53,7 +56,7 @@ def main(out_dir: str, args: list[str]) -> None:
         state = init.init_fn(jax.random.PRNGKey(0))
         factored = state.opt_state[0]  # optax.adafactor: FactoredState first
         print(json.dumps({
-            "preset": preset, "mesh": dict(mesh.shape), "losses": losses,
+            "preset": preset, "mesh": dict(mesh.shape), "trained_mesh": trained_mesh, "losses": losses,
             "param_specs": _specs(state.params, CHECKED_PARAMS),
             "state_specs": {"v_row": _specs(factored.v_row, CHECKED_PARAMS),
                             "v_col": _specs(factored.v_col, CHECKED_PARAMS)},

@@ -75,10 +75,12 @@ def test_every_preset_on_8_devices_matches_one_device_and_shards_by_the_rules(tm
     assert done.returncode == 0, done.stderr[-3000:]
     runs = {r["preset"]: r for r in map(json.loads, [ln for ln in done.stdout.splitlines() if ln.startswith("{")])}
     assert set(runs) == {"dp", "fsdp", "tp", "fsdp+tp"}
+    assert runs["fsdp+tp"]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
 
     print("\n1 device:", reference)
     for preset, run in runs.items():
         print(f"{preset} {run['mesh']}:", run["losses"])
+        assert run["trained_mesh"] == f"mesh: {run['mesh']}"  # train() took the gin-bound mesh sizes
         assert len(run["losses"]) == len(reference) == 4
         np.testing.assert_allclose(run["losses"], reference, rtol=1e-4, err_msg=preset)
 
