@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ def ensure_writable_dir(path: str) -> str:
     path = os.path.abspath(path)
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
+        probe = os.path.join(path, f".write_test-{uuid.uuid4().hex}")  # hosts sharing MODEL_DIR must not race
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
