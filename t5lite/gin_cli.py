@@ -3,6 +3,8 @@
     --gin_file=PATH           (repeatable; later files override earlier ones)
     --gin.NAME=VALUE          (repeatable; a binding or macro, applied after all files)
     --gin_search_paths=A,B    (where `include` and --gin_file look, besides cwd and gin/)
+    --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+                              (a multi-process run on CPU / GPU hosts; TPU pods need none of them)
 
 Gin errors (a typo in a binding, an unknown configurable, a missing file) are turned into a
 GinConfigError that names the problem, instead of a deep traceback.
@@ -42,6 +44,9 @@ def parse_args(argv: Sequence[str], description: str) -> tuple[argparse.Namespac
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     parser.add_argument("--gin_search_paths", default="", help="comma-separated include directories")
+    parser.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (multi-process)")
+    parser.add_argument("--num_processes", type=int, default=None, help="processes in the run (multi-process)")
+    parser.add_argument("--process_id", type=int, default=None, help="this process, 0..num_processes-1")
     args = parser.parse_args(rest)
     return args, bindings
 

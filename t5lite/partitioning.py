@@ -8,7 +8,7 @@ parameters over fsdp but stays replicated in activations, whose batch already to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -47,11 +47,33 @@ RULE_PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
 }
 
 
-def axis_rules(preset: str) -> tuple[tuple[str, Any], ...]:
-    """Logical->mesh rules of a preset; logical axes without a rule stay replicated."""
+@gin.configurable(denylist=["preset"])
+def axis_rules(preset: str, *, custom_rules: Sequence[tuple[str, Any]] | None = None) -> tuple[tuple[str, Any], ...]:
+    """Logical->mesh rules of a preset; logical axes without a rule stay replicated.
+
+    custom_rules, e.g. (("batch", ("data", "fsdp")), ("mlp", "tensor")), replaces the preset
+    (gin: axis_rules.custom_rules); each mesh side is a mesh axis, a tuple of them, or None.
+    """
+    if custom_rules is not None:
+        rules = tuple((logical, tuple(m) if isinstance(m, list) else m) for logical, m in custom_rules)
+        check_rules(rules)
+        return rules
     if preset not in RULE_PRESETS:
         raise UserError(f"Unknown partitioning preset {preset!r}; choose one of {sorted(RULE_PRESETS)}.")
     return RULE_PRESETS[preset]
+
+
+def check_rules(rules: Sequence[tuple[str, Any]]) -> None:
+    """Every rule maps a logical axis name to mesh axes of MESH_AXES (or None)."""
+    for rule in rules:
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise UserError(f"Axis rule {rule!r} must be a pair (logical axis name, mesh axes).")
+        logical, mesh_axes = rule
+        named = mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)
+        unknown = [a for a in named if a is not None and a not in MESH_AXES]
+        if unknown:
+            raise UserError(f"Axis rule {rule!r} names unknown mesh axis {unknown[0]!r}; the mesh axes are "
+                            f"{MESH_AXES}.")
 
 
 @gin.configurable
@@ -80,16 +102,57 @@ def make_mesh(*, data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequen
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
-    """NamedShardings for a tree of nn.LogicallyPartitioned leaves (e.g. from jax.eval_shape(init))."""
+    """NamedShardings for a tree of nn.LogicallyPartitioned leaves (e.g. from jax.eval_shape(init)).
+
+    Raises UserError naming the parameter if a dimension is not divisible by its mesh axes.
+    """
+    check_rules(rules)
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    flat_boxed = jax.tree_util.tree_flatten_with_path(
+        boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+    for (path, boxed), sharding in zip(flat_boxed, jax.tree_util.tree_leaves(shardings), strict=True):
+        value = boxed.value if isinstance(boxed, nn.LogicallyPartitioned) else boxed
+        _check_divisible(_path_name(path), tuple(value.shape), sharding)
+    return shardings
+
+
+def _check_divisible(name: str, shape: tuple[int, ...], sharding: NamedSharding) -> None:
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    for dim, (size, axes) in enumerate(zip(shape, spec, strict=True)):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        ways = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+        if size % ways:
+            raise UserError(
+                f"Parameter {name} {shape}: dimension {dim} (size {size}) is not divisible by mesh axes "
+                f"{axes} ({ways} devices). Change the make_mesh sizes or the partitioning preset, or "
+                "choose a model dimension that is a multiple of it."
+            )
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def with_sharding_rules(fn: Callable, mesh: Mesh, rules) -> Callable:
+    """`fn` traced under `mesh` and the logical axis rules, so the model's activation constraints
+    (nn.with_logical_constraint) resolve to mesh axes wherever the jitted function is called."""
+
+    def traced_under_rules(*args):
+        # An abstract mesh can be entered inside jit (jax.set_mesh cannot); flax reads it from here.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return fn(*args)
+
+    return traced_under_rules
 
 
 def derive_state_shardings(state_shapes: Any, params_shapes: Any, params_shardings: Any, mesh: Mesh) -> Any:
     """Shardings for any tree containing params-shaped subtrees (optimizer states).
 
-    Every subtree with the params' structure takes the params' shardings leaf by leaf where the
-    shapes match (Adam moments); everything else (counts, factored statistics) is replicated.
+    Every subtree with the params' structure takes the params' shardings leaf by leaf: a leaf of
+    the param's shape (Adam moments) takes its spec; a leaf of the param's shape with one
+    dimension dropped (Adafactor's factored v_row / v_col) takes its spec without that dimension;
+    everything else (counts, placeholders) is replicated.
     """
     params_def = jax.tree_util.tree_structure(params_shapes)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -105,7 +168,7 @@ def derive_state_shardings(state_shapes: Any, params_shapes: Any, params_shardin
     def assign(subtree):
         if is_params_like(subtree):
             leaves = jax.tree_util.tree_leaves(subtree)
-            out = [s if tuple(leaf.shape) == tuple(p.shape) else replicated
+            out = [_follow_param(tuple(leaf.shape), tuple(p.shape), s, replicated)
                    for leaf, p, s in zip(leaves, p_shapes, p_shardings, strict=True)]
             return jax.tree_util.tree_unflatten(params_def, out)
         return jax.tree_util.tree_map(lambda _: replicated, subtree)
@@ -113,9 +176,30 @@ def derive_state_shardings(state_shapes: Any, params_shapes: Any, params_shardin
     return jax.tree_util.tree_map(assign, state_shapes, is_leaf=is_params_like)
 
 
+def _follow_param(shape: tuple[int, ...], param_shape: tuple[int, ...], param_sharding: NamedSharding,
+                  replicated: NamedSharding) -> NamedSharding:
+    """The sharding of an optimizer-state leaf derived from its parameter's, by shape."""
+    if shape == param_shape:
+        return param_sharding
+    spec = tuple(param_sharding.spec) + (None,) * (len(param_shape) - len(param_sharding.spec))
+    for dropped in range(len(param_shape)):
+        if param_shape[:dropped] + param_shape[dropped + 1:] == shape:
+            # Dimensions keep their sizes, so the param's axes still divide them.
+            return NamedSharding(param_sharding.mesh, PartitionSpec(*spec[:dropped], *spec[dropped + 1:]))
+    return replicated
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches are split along their first axis over the data-parallel axes."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """The global batch must split evenly over the data-parallel axes (data x fsdp)."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % ways:
+        raise UserError(f"batch_size={batch_size} is not divisible by the data-parallel mesh axes data x fsdp = "
+                        f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {ways}. Change BATCH_SIZE or make_mesh.")
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -135,7 +219,7 @@ def sharding_table(boxed_params: Any, shardings: Any) -> list[dict[str, Any]]:
         names = boxed.names if isinstance(boxed, nn.LogicallyPartitioned) else ()
         shard_shape = sharding.shard_shape(tuple(value.shape))
         rows.append({
-            "name": "/".join(str(getattr(k, "key", k)) for k in path),
+            "name": _path_name(path),
             "shape": tuple(value.shape),
             "logical_axes": tuple(names),
             "mesh_axes": tuple(sharding.spec),

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ import seqio
 
 from t5lite import checkpoints, gin_cli, partitioning, preemption, trainer
 from t5lite.data import pipeline  # registers the tasks and their gin configurables before parsing
+from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model, normalize_metric_sums
@@ -46,7 +48,7 @@ def ensure_writable_dir(path: str) -> str:
     path = os.path.abspath(path)
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
+        probe = os.path.join(path, f".write_test-{uuid.uuid4().hex}")  # hosts sharing MODEL_DIR must not race
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -144,12 +146,14 @@ def train(
     initial_checkpoint_path: str | None = None,
     initial_checkpoint_rename: Mapping[str, str] = {},  # noqa: B006
     on_nonfinite: str = "skip",
+    write_host_records: bool = False,
 ) -> TrainResult:
     """Trains for `num_train_steps` (resuming from MODEL_DIR's latest checkpoint); returns the final eval.
 
     batch_size is the global batch (all hosts); eval runs every `eval_every` steps on the first
     `eval_batches` batches of `eval_split` of each task of the eval mixture (default: the train
-    mixture).
+    mixture). write_host_records (debugging multi-host runs): every process appends its view of each
+    step, {"step", "loss", "rows": hashes of the batch rows it read}, to MODEL_DIR/host-<process>.jsonl.
 
     State: the latest checkpoint in MODEL_DIR/checkpoints if there is one (exact resume), else a
     fresh initialisation whose params are replaced by those of `initial_checkpoint_path` (a
@@ -175,6 +179,7 @@ def train(
     rules = partitioning.axis_rules(partitioning_preset)
     if batch_size % jax.process_count():
         raise UserError(f"batch_size={batch_size} is not divisible by {jax.process_count()} processes.")
+    partitioning.check_batch_size(batch_size, mesh)
 
     # --- Data ------------------------------------------------------------------------------------
     config = TransformerConfig()
@@ -224,17 +229,11 @@ def train(
 
     # --- Compiled steps ---------------------------------------------------------------------------
     loss_config = trainer.LossConfig(label_smoothing=label_smoothing, z_loss=z_loss)
-    batch_sharding = partitioning.batch_sharding(mesh)
-    train_step = jax.jit(
-        _with_rules(trainer.make_train_step(
-            model, optimizer.tx, optimizer.schedule, loss_config=loss_config,
-            num_microbatches=num_microbatches, use_dropout=config.dropout_rate > 0), rules),
-        in_shardings=(init.state_shardings, batch_sharding, None),
-        out_shardings=(init.state_shardings, None),
-        donate_argnums=(0,),
-    )
-    eval_step = jax.jit(_with_rules(trainer.make_eval_step(model, loss_config), rules),
-                        in_shardings=(init.state_shardings.params, batch_sharding))
+    train_step = trainer.jit_train_step(
+        model, optimizer.tx, optimizer.schedule, init, mesh, rules, loss_config=loss_config,
+        num_microbatches=num_microbatches, use_dropout=config.dropout_rate > 0)
+    eval_step = jax.jit(partitioning.with_sharding_rules(trainer.make_eval_step(model, loss_config), mesh, rules),
+                        in_shardings=(init.state_shardings.params, partitioning.batch_sharding(mesh)))
 
     writer = MetricsWriter(model_dir, enabled=is_chief)
     if is_chief:
@@ -251,12 +250,16 @@ def train(
     eval_results: dict[str, dict[str, float]] = {}
     nonfinite_step, preempted = None, False
     stop_request = preemption.StopRequest()
-    with mesh, stop_request:
+    with jax.set_mesh(mesh), stop_request:  # (`with mesh:` is deprecated in jax 0.10 and no longer sets it)
         for step in range(start_step, num_train_steps):
             batch = next(train_batches)
             real, total = count_real_tokens(batch)
             real_tokens, all_tokens = real_tokens + real, all_tokens + total
             state, metrics = train_step(state, partitioning.shard_batch(batch, mesh), dropout_rng)
+            if write_host_records:
+                with open(os.path.join(model_dir, f"host-{jax.process_index()}.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step + 1, "loss": float(metrics["loss"]),
+                                        "rows": pipeline.row_fingerprints(batch)}) + "\n")
             pending_metrics.append(metrics)
             steps_in_interval += 1
             done = step + 1
@@ -326,17 +329,6 @@ def train(
     return TrainResult(model_dir=model_dir, step=int(state.step), eval_results=eval_results)
 
 
-def _with_rules(fn, rules):
-    """Runs `fn` under the logical axis rules, so activation constraints resolve to mesh axes."""
-    import flax.linen as nn  # noqa: PLC0415
-
-    def wrapped(*args):
-        with nn.logical_axis_rules(rules):
-            return fn(*args)
-
-    return wrapped
-
-
 def _mean_over_tasks(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """{task: {metric: value}} -> {metric: mean over tasks}."""
     return {k: float(np.mean([m[k] for m in results.values()])) for k in next(iter(results.values()))}
@@ -351,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, bindings = gin_cli.parse_args(argv, description=__doc__)
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         search_paths = [p for p in args.gin_search_paths.split(",") if p]
         gin_cli.parse_gin(args.gin_file, bindings, search_paths)
         result = train()

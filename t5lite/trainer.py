@@ -154,6 +154,22 @@ def make_train_step(
     return train_step
 
 
+def jit_train_step(
+    model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, init: ShardedInit, mesh: Mesh,
+    rules, *, loss_config: LossConfig, num_microbatches: int = 1, use_dropout: bool = True,
+) -> Callable[[TrainState, Mapping[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
+    """The train step jitted for the mesh: state sharded as `init` says, batch over the data axes,
+    activations constrained by the rules, the state donated."""
+    step = make_train_step(model, tx, schedule, loss_config=loss_config, num_microbatches=num_microbatches,
+                           use_dropout=use_dropout)
+    return jax.jit(
+        partitioning.with_sharding_rules(step, mesh, rules),
+        in_shardings=(init.state_shardings, partitioning.batch_sharding(mesh), None),
+        out_shardings=(init.state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+
 def make_eval_step(model: Model, loss_config: LossConfig) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
     """(params, batch) -> metric SUMS (teacher forced, no dropout); add them across batches."""
 

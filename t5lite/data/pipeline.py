@@ -9,6 +9,7 @@ Usage:
 """
 
 import difflib
+import hashlib
 import itertools
 from collections.abc import Iterator, Mapping
 
@@ -141,6 +142,21 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     def _next_or_none(self) -> dict[str, np.ndarray] | None:
         batch = next(self._iterator, None)
         return None if batch is None else {k: v.numpy() for k, v in batch.items()}
+
+
+def batch_feature_shapes(
+    task_feature_lengths: Mapping[str, int], *, model_type: str, batch_size: int, pack: bool = True,
+) -> dict[str, tuple[int, int]]:
+    """{feature: (batch_size, length)} of the int32 batches get_batches yields, without reading data."""
+    lengths = _feature_converter(model_type, pack).get_model_feature_lengths(dict(task_feature_lengths))
+    return {name: (batch_size, length) for name, length in lengths.items()}
+
+
+def row_fingerprints(batch: Mapping[str, np.ndarray]) -> list[str]:
+    """A short hash of each row [batch] of a batch (all its features): compares what hosts read."""
+    size = len(next(iter(batch.values())))
+    return [hashlib.sha1(b"".join(batch[k][i].tobytes() for k in sorted(batch))).hexdigest()[:16]
+            for i in range(size)]
 
 
 def list_tasks_of(mixture_or_task_name: str) -> list[str]:

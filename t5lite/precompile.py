@@ -1,0 +1,202 @@
+"""Compile the sharded train step ahead of time for a TPU slice, on any machine (CPU only is fine).
+
+    pip install -r requirements-tpu.txt     # libtpu: the TPU compiler
+    python -m t5lite.precompile --gin_file=gin/base.gin --gin_file=gin/models/t5_1_1_xxl.gin \\
+        --gin.TOPOLOGY=\\"v5p:4x4x4\\" --gin.BATCH_SIZE=256 --gin.train.partitioning_preset=\\"fsdp\\"
+
+The same gin files and bindings as t5lite.train (model, batch, lengths, preset, make_mesh sizes,
+optimizer) plus TOPOLOGY = "<generation>:<chips per dimension>", e.g. "v5e:2x2", "v4:4x4x4".
+Nothing is initialised and no data is read: the step is lowered from shapes alone. Reports per
+chip: memory (arguments, temporaries, outputs; total vs the chip's HBM), the compiler's FLOPs and
+a roofline step time from them (compute- or HBM-bound; communication not included), and the
+MFU that implies against the chip's peak: an upper bound to measure a real run against.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":
+    import sys
+
+    from t5lite import precompile as _precompile_module  # gin registers the importable module only
+
+    sys.exit(_precompile_module.main())
+
+import dataclasses
+import inspect
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5lite import gin_cli, partitioning, trainer
+from t5lite.data import pipeline
+from t5lite.errors import UserError
+from t5lite.model.config import TransformerConfig
+from t5lite.model.models import Model
+from t5lite.optim import make_optimizer
+from t5lite.train import data_model_type, train
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuChip:
+    peak_bf16_flops: float  # per chip, FLOP/s
+    hbm_bytes: int  # per chip
+    hbm_bytes_per_s: float  # per chip
+
+
+GIB = 2**30
+# Published per-chip figures: peak bf16 dense FLOP/s, HBM capacity and bandwidth.
+TPU_CHIPS = {
+    "v4": TpuChip(275e12, 32 * GIB, 1228e9),
+    "v5e": TpuChip(197e12, 16 * GIB, 819e9),
+    "v5p": TpuChip(459e12, 95 * GIB, 2765e9),
+    "v6e": TpuChip(918e12, 32 * GIB, 1640e9),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str  # e.g. "v5e:2x2"
+    generation: str  # a key of TPU_CHIPS
+    chips: int
+
+
+def parse_topology(name: str) -> Topology:
+    """"v5e:2x2" -> Topology; an unknown generation or a malformed shape is a UserError."""
+    match = re.fullmatch(r"(\w+):(\d+(?:x\d+)*)", name)
+    if not match or match.group(1) not in TPU_CHIPS:
+        raise UserError(f"Unknown TPU topology {name!r}: write <generation>:<chips per dimension> with a "
+                        f"generation of {sorted(TPU_CHIPS)}, e.g. 'v5e:2x2', 'v5e:16x16', 'v4:2x2x1', 'v5p:4x4x4'.")
+    return Topology(name, match.group(1), int(np.prod([int(d) for d in match.group(2).split("x")])))
+
+
+def topology_devices(topology: Topology) -> list[jax.Device]:
+    """Compile-only devices of the slice (libtpu's compiler, no TPU needed)."""
+    from jax.experimental import topologies  # noqa: PLC0415  (libtpu is optional)
+
+    try:
+        import libtpu  # noqa: F401, PLC0415
+    except ImportError as e:
+        raise UserError("precompile needs libtpu (the TPU compiler): pip install -r requirements-tpu.txt") from e
+    try:
+        # One device per chip, as on a real v4 / v5p VM (megacore); their default is one per core.
+        options = {"chip_config_name": "megacore"} if topology.generation in ("v4", "v5p") else {}
+        return list(topologies.get_topology_desc(topology.name, "tpu", **options).devices)
+    except jax.errors.JaxRuntimeError as e:
+        raise UserError(f"libtpu rejected the topology {topology.name!r}: {e}") from e
+
+
+def train_settings() -> dict[str, Any]:
+    """train()'s arguments as gin configures them (bindings over defaults)."""
+    settings = {k: p.default for k, p in inspect.signature(train).parameters.items()}
+    settings.update(gin.get_bindings(train))
+    return settings
+
+
+def tpu_model_config() -> TransformerConfig:
+    """The gin-configured model as it runs on TPU ("auto" dtype is bfloat16 there; this process is on CPU)."""
+    config = TransformerConfig()
+    return dataclasses.replace(config, dtype="bfloat16") if config.dtype == "auto" else config
+
+
+def compile_train_step(devices: Sequence[jax.Device], config: TransformerConfig) -> jax.stages.Compiled:
+    """The train step t5lite.train would run on these (TPU) devices, compiled from shapes (gin-configured)."""
+    settings = train_settings()
+    model, optimizer = Model(config), make_optimizer()
+    lengths, batch_size = dict(settings["task_feature_lengths"]), settings["batch_size"]
+
+    mesh = partitioning.make_mesh(devices=devices)
+    rules = partitioning.axis_rules(settings["partitioning_preset"])
+    partitioning.check_batch_size(batch_size, mesh)
+    init = trainer.make_sharded_init(model, optimizer.tx, model.input_shapes(batch_size, lengths), mesh, rules)
+    step = trainer.jit_train_step(
+        model, optimizer.tx, optimizer.schedule, init, mesh, rules,
+        loss_config=trainer.LossConfig(label_smoothing=settings["label_smoothing"], z_loss=settings["z_loss"]),
+        num_microbatches=settings["num_microbatches"], use_dropout=config.dropout_rate > 0)
+
+    batch_sharding = partitioning.batch_sharding(mesh)
+    shapes = pipeline.batch_feature_shapes(lengths, model_type=data_model_type(config, settings["prefix_lm"]),
+                                           batch_size=batch_size)
+    batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_sharding) for k, s in shapes.items()}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return step.lower(init.abstract_state, batch, rng).compile()
+
+
+def step_report(compiled: jax.stages.Compiled, unrolled: jax.stages.Compiled, topology: Topology) -> dict[str, float]:
+    """Per-chip (= per-device) memory of `compiled` and the compiler's cost analysis of `unrolled`
+    (the same step without nn.scan: XLA's cost analysis counts a loop body once), as numbers."""
+    chip = TPU_CHIPS[topology.generation]
+    memory = compiled.memory_analysis()
+    cost = unrolled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    report = {
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "alias_bytes": memory.alias_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "code_bytes": memory.generated_code_size_in_bytes,
+    }
+    # Donated state buffers are reused for the outputs (alias), so they count once.
+    report["total_bytes"] = (report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"]
+                             + report["temp_bytes"] + report["code_bytes"])
+    report["hbm_bytes"] = chip.hbm_bytes
+    report["flops"] = float(cost["flops"])
+    report["bytes_accessed"] = float(cost["bytes accessed"])
+    # libtpu's compile-only cost model leaves optimal_seconds unset (negative); a roofline of the
+    # compiler's own counts stands in: compute- or HBM-bound, whichever is slower (no ICI time).
+    report["step_seconds"] = max(report["flops"] / chip.peak_bf16_flops,
+                                 report["bytes_accessed"] / chip.hbm_bytes_per_s)
+    report["mfu"] = report["flops"] / (report["step_seconds"] * chip.peak_bf16_flops)
+    return report
+
+
+def format_report(report: dict[str, float], topology: Topology) -> str:
+    gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+    fits = "fits" if report["total_bytes"] <= report["hbm_bytes"] else "DOES NOT FIT"
+    return "\n".join([
+        f"topology {topology.name}: {topology.chips} chips, {TPU_CHIPS[topology.generation].peak_bf16_flops / 1e12:.0f}"
+        f" TFLOP/s bf16 and {gib(report['hbm_bytes'])} HBM per chip",
+        f"memory per chip: arguments {gib(report['argument_bytes'])}, temporaries {gib(report['temp_bytes'])}, "
+        f"outputs {gib(report['output_bytes'])} ({gib(report['alias_bytes'])} aliased to donated arguments), "
+        f"code {gib(report['code_bytes'])}",
+        f"total {gib(report['total_bytes'])} of {gib(report['hbm_bytes'])}: {fits}",
+        f"compiler cost analysis per chip: {report['flops'] / 1e12:.4f} TFLOP and "
+        f"{report['bytes_accessed'] / GIB:.2f} GiB of HBM traffic per step",
+        f"roofline step time {report['step_seconds'] * 1e3:.2f} ms (compute or HBM bound, communication not "
+        f"included) -> MFU at most {report['mfu']:.1%}",
+    ])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Compiling needs no TPU: do not wait for the lock of a process (any jax with libtpu) holding one.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        args, bindings = gin_cli.parse_args(argv, description=__doc__)
+        if not any(b.startswith("TOPOLOGY ") for b in bindings):
+            raise UserError('Give the TPU slice to compile for, e.g. --gin.TOPOLOGY=\\"v5e:2x2\\".')
+        gin_cli.parse_gin(args.gin_file, bindings, [p for p in args.gin_search_paths.split(",") if p])
+        topology = parse_topology(gin.query_parameter("%TOPOLOGY"))
+        devices = topology_devices(topology)
+        config = tpu_model_config()
+        try:
+            compiled = compile_train_step(devices, config)
+            unrolled = (compile_train_step(devices, dataclasses.replace(config, scan_layers=False))
+                        if config.scan_layers else compiled)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            # The TPU compiler refuses a program that cannot fit: that is the answer, not a crash.
+            print(f"topology {topology.name}: DOES NOT FIT: {str(e).splitlines()[0]}", flush=True)
+            return 1
+        print(format_report(step_report(compiled, unrolled, topology), topology), flush=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

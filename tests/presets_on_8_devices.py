@@ -1,0 +1,67 @@
+"""Trains the tiny model with each partitioning preset on 8 simulated CPU devices (used by
+tests/test_partitioning.py, which runs it in a subprocess: the device count is fixed when jax starts).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/presets_on_8_devices.py OUT_DIR ARGS...
+
+ARGS are t5lite.train flags shared by every run. Prints one JSON line per preset:
+{"preset", "mesh", "trained_mesh" (model-info.txt's line), "losses" (per logged step), "param_specs"
+and "state_specs" (name -> mesh axes of the arrays the sharded init places, for a few parameters
+and their Adafactor statistics)}.
+"""
+
+import json
+import os
+import sys
+
+import gin
+import jax
+
+from t5lite import partitioning, trainer
+from t5lite import train as train_lib
+from t5lite.model.config import TransformerConfig
+from t5lite.model.models import Model
+from t5lite.optim import make_optimizer
+
+# preset -> make_mesh sizes (data, fsdp, tensor); the tiny model has 2 heads, so tensor <= 2.
+MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (4, 1, 2), "fsdp+tp": (1, 4, 2)}
+CHECKED_PARAMS = ("token_embedder/embedding", "encoder/layers/mlp/wi_0", "encoder/layers/attention/query",
+                  "decoder/logits_dense")
+
+
+def _specs(tree, names) -> dict[str, list]:
+    flat = {partitioning._path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {n: [a if a is None or isinstance(a, str) else list(a) for a in flat[n].sharding.spec]
+            for n in names if n in flat}
+
+
+def main(out_dir: str, args: list[str]) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    for preset, (data, fsdp, tensor) in MESHES.items():
+        gin.clear_config()
+        model_dir = os.path.join(out_dir, preset.replace("+", "_"))
+        code = train_lib.main([*args, f"--gin.MODEL_DIR='{model_dir}'", f"--gin.train.partitioning_preset='{preset}'",
+                               f"--gin.make_mesh.data={data}", f"--gin.make_mesh.fsdp={fsdp}",
+                               f"--gin.make_mesh.tensor={tensor}"])
+        assert code == 0, preset
+        with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+            losses = [r["loss"] for r in map(json.loads, f) if r["group"] == "train"]
+        with open(os.path.join(model_dir, "model-info.txt")) as f:
+            trained_mesh = next(line.strip() for line in f if line.startswith("mesh: "))  # the mesh train() built
+
+        # The arrays the sharded init places, under the same gin config the run used.
+        model, optimizer = Model(TransformerConfig()), make_optimizer()
+        mesh = partitioning.make_mesh()
+        init = trainer.make_sharded_init(model, optimizer.tx, model.input_shapes(8, {"inputs": 64, "targets": 16}),
+                                         mesh, partitioning.axis_rules(preset))
+        state = init.init_fn(jax.random.PRNGKey(0))
+        factored = state.opt_state[0]  # optax.adafactor: FactoredState first
+        print(json.dumps({
+            "preset": preset, "mesh": dict(mesh.shape), "trained_mesh": trained_mesh, "losses": losses,
+            "param_specs": _specs(state.params, CHECKED_PARAMS),
+            "state_specs": {"v_row": _specs(factored.v_row, CHECKED_PARAMS),
+                            "v_col": _specs(factored.v_col, CHECKED_PARAMS)},
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
