@@ -13,7 +13,8 @@ import collections
 import math
 import re
 import string
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import sacrebleu
@@ -149,6 +150,15 @@ def rank_classification(targets: Sequence[tuple[int, bool, int]], scores: Sequen
     normalized = [choices[int(np.argmax([c[1] for c in choices]))][2] for choices in questions.values()]
     return {"accuracy": 100.0 * float(np.mean(plain)),
             "length_normalized_accuracy": 100.0 * float(np.mean(normalized))}
+
+
+def rank_classification_target(target: str, example: Mapping[str, Any] | None = None, is_target: bool = False):
+    """seqio postprocess_fn of a scored multiple-choice task: a target row -> (question_id, is_correct,
+    choice_bytes) for rank_classification. The task's rows (one per choice) carry int features
+    `question_id` and `is_correct`."""
+    if not is_target:
+        return target
+    return int(example["question_id"]), bool(example["is_correct"]), len(target.encode("utf-8"))
 
 
 def _strip_punctuation(word: str) -> str:

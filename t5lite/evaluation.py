@@ -1,0 +1,166 @@
+"""Inference evaluation of a model on the eval tasks of a mixture, and early stopping.
+
+InferenceEvaluator runs seqio.Evaluator: every task with metric functions is decoded
+(prediction metrics) and/or scored (score metrics) by t5lite.model.models.Model, and its
+metrics computed. Used by `python -m t5lite.eval` and, every train.infer_eval_every steps, by
+training. EarlyStopping watches one metric of the evaluation results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5lite.data import pipeline
+from t5lite.errors import UserError
+from t5lite.model.decoding import DecodeConfig
+from t5lite.model.models import Model
+
+Results = dict[str, dict[str, float]]  # task -> metric -> value
+
+
+def eval_feature_converter(model: Model, provider: seqio.Task | seqio.Mixture) -> seqio.FeatureConverter:
+    """Unpacked features for the model: enc-dec; prefix LM for decoder-only tasks with inputs; else LM."""
+    if model.config.is_encoder_decoder:
+        model_type = "encoder_decoder"
+    else:
+        model_type = "prefix_lm" if "inputs" in provider.output_features else "decoder_only"
+    return pipeline.FEATURE_CONVERTERS[model_type](pack=False)
+
+
+def check_vocabulary(model: Model, provider: seqio.Task | seqio.Mixture) -> None:
+    """A task whose vocabulary has more ids than the model's embedding rows cannot be evaluated."""
+    for name, feature in provider.output_features.items():
+        if feature.vocabulary.vocab_size > model.config.vocab_size:
+            raise UserError(
+                f"{provider.name!r} feature {name!r} uses a vocabulary of {feature.vocabulary.vocab_size} ids, "
+                f"but the model has TransformerConfig.vocab_size={model.config.vocab_size}. Evaluate with the "
+                "vocabulary and gin files the model was trained with.")
+
+
+def _batches(dataset: tf.data.Dataset, batch_size: int):
+    """(indices [n], {feature: [batch_size, length]}) from seqio's enumerated model dataset; the last
+    batch is zero-padded to batch_size (n real rows) so one compiled function serves every batch."""
+    for indices, features in dataset.batch(batch_size).as_numpy_iterator():
+        n = len(indices)
+        padded = {k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1)) for k, v in features.items()}
+        yield indices, padded
+
+
+class InferenceEvaluator:
+    """Decodes and scores the eval tasks (with metric functions) of a mixture on given params."""
+
+    def __init__(
+        self, model: Model, mixture_or_task_name: str, *, split: str, task_feature_lengths: Mapping[str, int],
+        batch_size: int, decode_config: DecodeConfig, num_examples: int | None = None, seed: int = 0,
+    ):
+        pipeline.list_tasks_of(mixture_or_task_name)  # an unknown name fails here, with close matches
+        provider = seqio.get_mixture_or_task(mixture_or_task_name)
+        check_vocabulary(model, provider)
+        tasks = seqio.get_subtasks(provider)
+        self.tasks_without_metrics = sorted(t.name for t in tasks if not t.metric_objs)
+        self.model, self.batch_size = model, batch_size
+        lengths = {k: v for k, v in task_feature_lengths.items() if k in provider.output_features}
+        self.decode_config = dataclasses.replace(decode_config, max_decode_length=lengths["targets"])
+        self._evaluator = seqio.Evaluator(
+            mixture_or_task_name, feature_converter=eval_feature_converter(model, provider), eval_split=split,
+            sequence_length=lengths, num_examples=num_examples, seed=seed, async_compute_metrics=False,
+        )
+        self._predict = jax.jit(functools.partial(model.predict_batch, config=self.decode_config))
+        self._score = jax.jit(model.score_batch)
+
+    @property
+    def task_names(self) -> list[str]:
+        """Tasks that will be evaluated (those with metric functions and the split)."""
+        return [t.name for t in self._evaluator.eval_tasks]
+
+    def evaluate(self, params, step: int, rng: jax.Array | None = None) -> Results:
+        """Metrics of every evaluated task for `params`, e.g. {"task": {"accuracy": 71.0}}."""
+        if not self.task_names:
+            return {}
+        rng = jax.random.PRNGKey(step) if rng is None else rng
+
+        def predict_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, list[int]]]:
+            out = []
+            for i, (indices, batch) in enumerate(_batches(dataset, self.batch_size)):
+                tokens, _ = self._predict(params, batch, rng=jax.random.fold_in(rng, i))
+                out.extend((int(j), row.tolist()) for j, row in zip(indices, np.asarray(tokens), strict=False))
+            return out
+
+        def score_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, float]]:
+            out = []
+            for indices, batch in _batches(dataset, self.batch_size):
+                scores = np.asarray(self._score(params, batch))
+                out.extend((int(j), float(s)) for j, s in zip(indices, scores, strict=False))
+            return out
+
+        metrics, _ = self._evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn,
+                                              score_fn=score_fn)
+        return {task: {k: float(_scalar(v)) for k, v in m.items()} for task, m in metrics.result().items()}
+
+
+def _scalar(value) -> float:
+    """seqio metric values may come back wrapped (metrics_lib.Scalar)."""
+    return getattr(value, "value", value)
+
+
+MODES = ("min", "max")
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stops after `patience` evaluations in a row without improving `metric` ("task/metric_name")."""
+
+    metric: str
+    patience: int = 3
+    mode: str = "min"
+    best: float | None = None
+    evals_without_improvement: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise UserError(f"early_stopping_mode={self.mode!r}; choose one of {MODES}.")
+        if "/" not in self.metric:
+            raise UserError(f"early_stopping_metric={self.metric!r}: write 'task_name/metric_name'.")
+        if self.patience < 1:
+            raise UserError(f"early_stopping_patience must be at least 1, got {self.patience}.")
+
+    def value_in(self, results: Mapping[str, Mapping[str, float]]) -> float | None:
+        """The monitored value if `results` (task -> metric -> value) has it."""
+        task, name = self.metric.rsplit("/", 1)
+        return results.get(task, {}).get(name)
+
+    def should_stop(self, results: Mapping[str, Mapping[str, float]]) -> bool:
+        """Records an evaluation (one that lacks the metric is ignored); True when patience is spent."""
+        value = self.value_in(results)
+        if value is None:
+            return False
+        improved = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if improved:
+            self.best, self.evals_without_improvement = value, 0
+        else:
+            self.evals_without_improvement += 1
+        return self.evals_without_improvement >= self.patience
+
+    def check_metric_exists(self, available: Sequence[str]) -> None:
+        """Fails early if no evaluation will ever produce the metric's task."""
+        task = self.metric.rsplit("/", 1)[0]
+        if task not in available:
+            raise UserError(f"early_stopping_metric={self.metric!r}: no evaluated task {task!r}; "
+                            f"evaluated tasks: {', '.join(sorted(available))}.")
+
+
+def merge_results(*results: Mapping[str, Mapping[str, float]]) -> Results:
+    """Per-task union of several result dicts (e.g. teacher-forced loss and inference metrics)."""
+    merged: Results = {}
+    for r in results:
+        for task, metrics in r.items():
+            merged.setdefault(task, {}).update(metrics)
+    return merged
+
