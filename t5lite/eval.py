@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import gin
 import jax
 
-from t5lite import checkpoints, evaluation, gin_cli, partitioning, trainer
+from t5lite import evaluation, gin_cli, partitioning, trainer
 from t5lite.data import pipeline
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
@@ -38,28 +38,6 @@ from t5lite.optim import make_optimizer
 from t5lite.summaries import MetricsWriter
 from t5lite.train import _with_rules, data_model_type, load_eval_batches
 from t5lite.train import evaluate as teacher_forced_evaluate
-
-
-def resolve_checkpoint_path(path: str) -> tuple[str, int | None]:
-    """CHECKPOINT_PATH -> (checkpoints directory, step or None for 'the latest / every one')."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise UserError(f"CHECKPOINT_PATH {path!r} does not exist. Pass MODEL_DIR/checkpoints/<step> or a MODEL_DIR.")
-    name = os.path.basename(path)
-    if name.isdigit():
-        return os.path.dirname(path), int(name)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), None
-    return path, None
-
-
-def checkpoint_steps(checkpoints_dir: str) -> list[int]:
-    """Finished checkpoints in a directory (read afresh: a running training adds new ones)."""
-    ckpt = checkpoints.Checkpointer(checkpoints_dir, save_every=1, keep=None)
-    try:
-        return sorted(ckpt.all_steps())
-    finally:
-        ckpt.close()
 
 
 class CheckpointEvaluator:
@@ -87,7 +65,7 @@ class CheckpointEvaluator:
             model_type=data_model_type(self.config, prefix_lm), batch_size=batch_size)
         init = trainer.make_sharded_init(self.model, make_optimizer().tx,
                                          self.model.input_shapes(batch_size, task_feature_lengths), self.mesh, rules)
-        self.abstract_state = init.abstract_state
+        self.abstract_state = init.abstract_state  # restore target: the whole train state (params are used)
         self.eval_step = jax.jit(_with_rules(trainer.make_eval_step(self.model, trainer.LossConfig()), rules),
                                  in_shardings=(init.state_shardings.params, partitioning.batch_sharding(self.mesh)))
         self.output_dir = output_dir
@@ -98,11 +76,7 @@ class CheckpointEvaluator:
 
     def evaluate(self, checkpoints_dir: str, step: int) -> dict[str, dict[str, float]]:
         """Restores `step`, evaluates every task, writes JSON + TensorBoard; -> task -> metric -> value."""
-        ckpt = checkpoints.Checkpointer(checkpoints_dir, save_every=1, keep=None)
-        try:
-            params = ckpt.restore(step, self.abstract_state).params
-        finally:
-            ckpt.close()
+        params = evaluation.restore_params(checkpoints_dir, step, self.abstract_state)
         t0 = time.perf_counter()
         with self.mesh:
             loss = teacher_forced_evaluate(self.eval_step, params, self.loss_batches, self.mesh)
@@ -142,10 +116,10 @@ def evaluate(
     loss_batches: batches per task for the teacher-forced loss. watch_timeout_s: stop watching
     after this long without a new checkpoint (None: never).
     """
-    checkpoints_dir, step = resolve_checkpoint_path(checkpoint_path)
+    checkpoints_dir, step = evaluation.resolve_checkpoint_path(checkpoint_path)
     output_dir = output_dir or os.path.join(os.path.dirname(checkpoints_dir), "eval")
     if not watch and step is None:
-        steps = checkpoint_steps(checkpoints_dir)
+        steps = evaluation.checkpoint_steps(checkpoints_dir)
         if not steps:
             raise UserError(f"No checkpoint in {checkpoints_dir!r}.")
         step = steps[-1]
@@ -161,7 +135,7 @@ def evaluate(
     last_new = time.monotonic()
     while watch_timeout_s is None or time.monotonic() - last_new < watch_timeout_s:
         # Steps with a results file were evaluated by an earlier run: a restarted watcher resumes.
-        new = [s for s in checkpoint_steps(checkpoints_dir) if not os.path.exists(evaluator.results_path(s))]
+        new = [s for s in evaluation.checkpoint_steps(checkpoints_dir) if not os.path.exists(evaluator.results_path(s))]
         for s in new:
             all_results[s] = evaluator.evaluate(checkpoints_dir, s)
             last_new = time.monotonic()

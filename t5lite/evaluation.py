@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5lite import checkpoints
 from t5lite.data import pipeline
 from t5lite.errors import UserError
 from t5lite.model.decoding import DecodeConfig
@@ -25,26 +28,57 @@ from t5lite.model.models import Model
 Results = dict[str, dict[str, float]]  # task -> metric -> value
 
 
-def eval_feature_converter(model: Model, provider: seqio.Task | seqio.Mixture) -> seqio.FeatureConverter:
+def resolve_checkpoint_path(path: str) -> tuple[str, int | None]:
+    """CHECKPOINT_PATH -> (checkpoints directory, step or None for 'the latest / every one')."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise UserError(f"CHECKPOINT_PATH {path!r} does not exist. Pass MODEL_DIR/checkpoints/<step> or a MODEL_DIR.")
+    name = os.path.basename(path)
+    if name.isdigit():
+        return os.path.dirname(path), int(name)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    return path, None
+
+
+def checkpoint_steps(checkpoints_dir: str) -> list[int]:
+    """Finished checkpoints in a directory (read afresh: a running training adds new ones)."""
+    ckpt = checkpoints.Checkpointer(checkpoints_dir, save_every=1, keep=None)
+    try:
+        return sorted(ckpt.all_steps())
+    finally:
+        ckpt.close()
+
+
+def restore_params(checkpoints_dir: str, step: int, abstract_state: Any) -> Any:
+    """The params of checkpoint `step` (abstract_state: the train state it was saved from)."""
+    ckpt = checkpoints.Checkpointer(checkpoints_dir, save_every=1, keep=None)
+    try:
+        return ckpt.restore(step, abstract_state).params
+    finally:
+        ckpt.close()
+
+
+def eval_feature_converter(model: Model, has_inputs: bool) -> seqio.FeatureConverter:
     """Unpacked features for the model: enc-dec; prefix LM for decoder-only tasks with inputs; else LM."""
     if model.config.is_encoder_decoder:
         model_type = "encoder_decoder"
     else:
-        model_type = "prefix_lm" if "inputs" in provider.output_features else "decoder_only"
+        model_type = "prefix_lm" if has_inputs else "decoder_only"
     return pipeline.FEATURE_CONVERTERS[model_type](pack=False)
 
 
-def check_vocabulary(model: Model, provider: seqio.Task | seqio.Mixture) -> None:
-    """A task whose vocabulary has more ids than the model's embedding rows cannot be evaluated."""
-    for name, feature in provider.output_features.items():
+def check_vocabulary(model: Model, source: str, output_features: Mapping[str, seqio.Feature]) -> None:
+    """Data whose vocabulary has more ids than the model's embedding rows cannot be evaluated."""
+    for name, feature in output_features.items():
         if feature.vocabulary.vocab_size > model.config.vocab_size:
             raise UserError(
-                f"{provider.name!r} feature {name!r} uses a vocabulary of {feature.vocabulary.vocab_size} ids, "
+                f"{source} feature {name!r} uses a vocabulary of {feature.vocabulary.vocab_size} ids, "
                 f"but the model has TransformerConfig.vocab_size={model.config.vocab_size}. Evaluate with the "
                 "vocabulary and gin files the model was trained with.")
 
 
-def _batches(dataset: tf.data.Dataset, batch_size: int):
+def padded_batches(dataset: tf.data.Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """(indices [n], {feature: [batch_size, length]}) from seqio's enumerated model dataset; the last
     batch is zero-padded to batch_size (n real rows) so one compiled function serves every batch."""
     for indices, features in dataset.batch(batch_size).as_numpy_iterator():
@@ -62,14 +96,15 @@ class InferenceEvaluator:
     ):
         pipeline.list_tasks_of(mixture_or_task_name)  # an unknown name fails here, with close matches
         provider = seqio.get_mixture_or_task(mixture_or_task_name)
-        check_vocabulary(model, provider)
+        check_vocabulary(model, repr(provider.name), provider.output_features)
         tasks = seqio.get_subtasks(provider)
         self.tasks_without_metrics = sorted(t.name for t in tasks if not t.metric_objs)
         self.model, self.batch_size = model, batch_size
         lengths = {k: v for k, v in task_feature_lengths.items() if k in provider.output_features}
         self.decode_config = dataclasses.replace(decode_config, max_decode_length=lengths["targets"])
         self._evaluator = seqio.Evaluator(
-            mixture_or_task_name, feature_converter=eval_feature_converter(model, provider), eval_split=split,
+            mixture_or_task_name, eval_split=split,
+            feature_converter=eval_feature_converter(model, "inputs" in provider.output_features),
             sequence_length=lengths, num_examples=num_examples, seed=seed, async_compute_metrics=False,
         )
         self._predict = jax.jit(functools.partial(model.predict_batch, config=self.decode_config))
@@ -88,14 +123,14 @@ class InferenceEvaluator:
 
         def predict_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, list[int]]]:
             out = []
-            for i, (indices, batch) in enumerate(_batches(dataset, self.batch_size)):
+            for i, (indices, batch) in enumerate(padded_batches(dataset, self.batch_size)):
                 tokens, _ = self._predict(params, batch, rng=jax.random.fold_in(rng, i))
                 out.extend((int(j), row.tolist()) for j, row in zip(indices, np.asarray(tokens), strict=False))
             return out
 
         def score_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, float]]:
             out = []
-            for indices, batch in _batches(dataset, self.batch_size):
+            for indices, batch in padded_batches(dataset, self.batch_size):
                 scores = np.asarray(self._score(params, batch))
                 out.extend((int(j), float(s)) for j, s in zip(indices, scores, strict=False))
             return out
