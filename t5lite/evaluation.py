@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -199,3 +200,51 @@ def merge_results(*results: Mapping[str, Mapping[str, float]]) -> Results:
             merged.setdefault(task, {}).update(metrics)
     return merged
 
+
+
+class TrainingMonitor:
+    """What training runs besides teacher-forced eval: inference evaluation every
+    `infer_eval_every` steps (0: never) and early stopping; one call per step from the loop."""
+
+    def __init__(
+        self, model: Model, eval_mixture_or_task_name: str, eval_tasks: Sequence[str], *, split: str,
+        task_feature_lengths: Mapping[str, int], batch_size: int, infer_eval_every: int, infer_eval_examples: int,
+        early_stopping: EarlyStopping | None, write_metrics, verbose: bool,
+    ):
+        self.infer_eval_every, self.early_stopping = infer_eval_every, early_stopping
+        self.write_metrics, self.verbose = write_metrics, verbose
+        if early_stopping is not None:
+            early_stopping.check_metric_exists(eval_tasks)
+        self.inference = None
+        self.last_seconds = 0.0  # spent in the last after_step call
+        if infer_eval_every > 0:
+            self.inference = InferenceEvaluator(
+                model, eval_mixture_or_task_name, split=split, task_feature_lengths=task_feature_lengths,
+                batch_size=batch_size, decode_config=DecodeConfig(), num_examples=infer_eval_examples)
+            if verbose and self.inference.tasks_without_metrics:
+                print(f"  inference eval: no metric functions in {', '.join(self.inference.tasks_without_metrics)}"
+                      " (only their teacher-forced loss is evaluated)", flush=True)
+
+    def after_step(self, step: int, params, teacher_forced: Results | None) -> bool:
+        """Runs inference eval if due; -> whether early stopping says to stop.
+
+        teacher_forced: this step's teacher-forced results, if the loop evaluated at this step.
+        """
+        results = dict(teacher_forced or {})
+        self.last_seconds = 0.0
+        if self.inference is not None and self.inference.task_names and step % self.infer_eval_every == 0:
+            t0 = time.perf_counter()
+            inferred = self.inference.evaluate(params, step)
+            self.last_seconds = time.perf_counter() - t0
+            for task, metrics in inferred.items():
+                self.write_metrics(f"eval/{task}", step, metrics)
+                if self.verbose:
+                    print(f"  infer eval {task}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+            results = merge_results(results, inferred)
+        if self.early_stopping is None or not results:
+            return False
+        stop = self.early_stopping.should_stop(results)
+        if stop and self.verbose:
+            print(f"  early stopping at step {step}: {self.early_stopping.metric} has not improved on "
+                  f"{self.early_stopping.best:.4f} for {self.early_stopping.patience} evaluations", flush=True)
+        return stop

@@ -139,13 +139,22 @@ def train(
     eval_batches: int = 8,
     checkpoint_every: int = 200,
     keep_checkpoints: int = 3,
+    infer_eval_every: int = 0,
+    infer_eval_examples: int = 32,
+    early_stopping_metric: str | None = None,
+    early_stopping_patience: int = 3,
+    early_stopping_mode: str = "min",
 ) -> TrainResult:
     """Trains for `num_train_steps` (resuming from MODEL_DIR's latest checkpoint); returns the final eval.
 
     batch_size is the global batch (all hosts); eval runs every `eval_every` steps on the first
     `eval_batches` batches of `eval_split` of each task of the eval mixture (default: the train
-    mixture).
+    mixture). Every `infer_eval_every` steps (0: never) the first `infer_eval_examples` examples
+    of each eval task with seqio metric functions are decoded / scored (t5lite.evaluation).
+    early_stopping_metric ("task/metric", e.g. "wikitext2_span_corruption/loss") stops training
+    after `early_stopping_patience` evaluations without improvement (mode "min" or "max").
     """
+    from t5lite import evaluation  # noqa: PLC0415  (keeps `import t5lite.train` light)
     from t5lite.data import pipeline  # noqa: PLC0415  (registers the tasks)
 
     # --- Output directory --------------------------------------------------------------------
@@ -216,6 +225,12 @@ def train(
         seed=seed + start_step, **batch_kwargs)
 
     writer = MetricsWriter(model_dir, enabled=is_chief)
+    monitor = evaluation.TrainingMonitor(
+        model, eval_mixture_or_task_name or mixture_or_task_name, eval_tasks, split=eval_split,
+        task_feature_lengths=task_feature_lengths, batch_size=batch_size // jax.process_count(),
+        infer_eval_every=infer_eval_every, infer_eval_examples=infer_eval_examples, write_metrics=writer.write,
+        early_stopping=evaluation.EarlyStopping(early_stopping_metric, early_stopping_patience, early_stopping_mode)
+        if early_stopping_metric else None, verbose=is_chief)
     if is_chief:
         with open(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())  # every binding as parsed (files + --gin. flags)
@@ -255,7 +270,8 @@ def train(
 
             ckpt.save(done, state, force=done == num_train_steps)
 
-            if done % eval_every == 0 or done == num_train_steps:
+            evaluated = done % eval_every == 0 or done == num_train_steps
+            if evaluated:
                 t_eval = time.perf_counter()
                 eval_results = evaluate(eval_step, state.params, eval_data, mesh)
                 for task, m in eval_results.items():
@@ -265,6 +281,12 @@ def train(
                               f"perplexity {m['perplexity']:.2f}  ({format_duration(time.perf_counter() - t_eval)})",
                               flush=True)
                 t_interval = time.perf_counter()  # keep eval time out of the training rates
+            stop = monitor.after_step(done, state.params, eval_results if evaluated else None)
+            t_interval += monitor.last_seconds  # keep inference eval time out of the training rates
+            if stop:  # early stopping: keep this state as the last checkpoint
+                if done % checkpoint_every and done != num_train_steps:
+                    ckpt.save(done, state, force=True)
+                break
 
     if start_step >= num_train_steps:
         eval_results = evaluate(eval_step, state.params, eval_data, mesh)

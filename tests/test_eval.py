@@ -11,10 +11,13 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from t5lite import checkpoints, gin_cli, partitioning, trainer
+from t5lite import checkpoints, evaluation, gin_cli, partitioning, trainer
 from t5lite import eval as eval_lib
+from t5lite import train as train_lib
 from t5lite.data import metrics
 from t5lite.data.vocab import get_default_vocabulary
+from t5lite.errors import UserError
+from t5lite.evaluation import EarlyStopping
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model
 from t5lite.optim import make_optimizer
@@ -153,3 +156,41 @@ def test_checkpoint_of_another_model_is_a_user_error(tmp_path, capsys):
 def test_missing_checkpoint_path_is_a_user_error(tmp_path, capsys):
     assert eval_lib.main(_gin_args(str(tmp_path / "nowhere"))) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_early_stopping_waits_patience_evaluations_without_improvement():
+    stopper = EarlyStopping("task/loss", patience=2, mode="min")
+    decisions = [stopper.should_stop({"task": {"loss": v}}) for v in (3.0, 2.0, 2.5, 1.9, 2.0, 1.95)]
+    assert decisions == [False, False, False, False, False, True]
+    assert stopper.best == 1.9
+    assert not stopper.should_stop({"other_task": {"loss": 0.0}})  # an evaluation without the metric
+    maximize = EarlyStopping("task/accuracy", patience=1, mode="max")
+    assert [maximize.should_stop({"task": {"accuracy": v}}) for v in (50.0, 60.0, 60.0)] == [False, False, True]
+    with pytest.raises(UserError, match="mode"):
+        EarlyStopping("task/loss", mode="lowest")
+    with pytest.raises(UserError, match="task_name/metric_name"):
+        EarlyStopping("loss")
+    with pytest.raises(UserError, match="no evaluated task 'tsak'"):
+        EarlyStopping("tsak/loss").check_metric_exists(["task"])
+
+
+@pytest.mark.slow
+def test_training_runs_inference_eval_every_n_steps_and_stops_early(tmp_path, capsys):
+    model_dir = str(tmp_path / "run")
+    args = ["--gin_file=gin/base.gin", "--gin_file=gin/models/t5_1_1_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.BATCH_SIZE=4", "--gin.TRAIN_STEPS=40",
+            "--gin.train.eval_mixture_or_task_name='t5lite_test_copy'", "--gin.train.eval_batches=1",
+            "--gin.train.eval_every=100", "--gin.train.checkpoint_every=100",
+            "--gin.train.infer_eval_every=5", "--gin.train.infer_eval_examples=4",
+            "--gin.train.early_stopping_metric='t5lite_test_copy/accuracy'", "--gin.train.early_stopping_mode='max'",
+            "--gin.train.early_stopping_patience=1"]
+    assert train_lib.main(args) == 0
+    out = capsys.readouterr().out
+    # An untrained model copies nothing: accuracy 0 at step 5 and again at 10 -> stop at 10.
+    assert "infer eval t5lite_test_copy: accuracy 0.000" in out
+    assert "early stopping at step 10" in out
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    inferred = [r for r in records if r["group"] == "eval/t5lite_test_copy" and "bits_per_byte" in r]
+    assert [r["step"] for r in inferred] == [5, 10]
+    assert evaluation.checkpoint_steps(os.path.join(model_dir, "checkpoints")) == [10]
