@@ -7,6 +7,7 @@ accumulation give exactly the one-big-batch loss and gradient.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -91,12 +92,28 @@ def _segment_ids(batch: Batch, prefix: str) -> Array:
     return (tokens > 0).astype(jnp.int32)
 
 
+def unstack_layers(params):
+    """Scanned params ({"layers": leaves [layers, ...]}) -> unrolled ({"layers_0": ..., ...})."""
+    if not isinstance(params, Mapping):
+        return params
+    out = {k: unstack_layers(v) for k, v in params.items() if k != "layers"}
+    if "layers" in params:
+        num_layers = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+        for i in range(num_layers):
+            out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
 class Model:
     """A network plus what training and evaluation need from it: init, loss sums, predict, score."""
 
     def __init__(self, config: TransformerConfig):
         self.config = config
         self.module: nn.Module = build_network(config)
+        # Decoding runs the layers unrolled: a scanned stack would copy every layer's cache slice
+        # in and out of the scan at each step. Same parameters, split per layer (unstack_layers).
+        self.decode_module: nn.Module = build_network(
+            dataclasses.replace(config, scan_layers=False, remat_policy="none"))
 
     def input_shapes(self, batch_size: int, feature_lengths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         """Shapes of the model's features for given task feature lengths ("inputs"/"targets")."""
@@ -191,14 +208,17 @@ class Model:
                 prompt_lengths = jnp.ones((batch_size,), jnp.int32)
         sequences = jnp.concatenate([prompt, jnp.zeros((batch_size, config.max_decode_length), jnp.int32)], axis=1)
         length = sequences.shape[1]
+        module = self.decode_module
+        if self.config.scan_layers:
+            params = unstack_layers(params)
 
         if self.config.is_encoder_decoder:
             encoder_segment_ids = (encoder_tokens > 0).astype(jnp.int32)
-            encoded = self.module.apply({"params": params}, encoder_tokens, encoder_segment_ids, method="encode")
+            encoded = module.apply({"params": params}, encoder_tokens, encoder_segment_ids, method="encode")
             step_segment_ids = jnp.repeat(encoder_segment_ids, config.beams, axis=0)
 
             def run(cache, tokens, index, segment_ids, encoded=None):
-                return self.module.apply({"params": params, "cache": cache}, tokens, segment_ids, index, length,
+                return module.apply({"params": params, "cache": cache}, tokens, segment_ids, index, length,
                                          encoded, method="decode", mutable=["cache"])
 
             cache = self._zero_cache(run, batch_size, length, encoder_segment_ids, encoded)
@@ -206,7 +226,7 @@ class Model:
             step_args = (step_segment_ids,)
         else:
             def run(cache, tokens, index):
-                return self.module.apply({"params": params, "cache": cache}, tokens, index, length,
+                return module.apply({"params": params, "cache": cache}, tokens, index, length,
                                          method="decode", mutable=["cache"])
 
             cache = self._zero_cache(run, batch_size, length)
