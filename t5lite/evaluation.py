@@ -192,12 +192,15 @@ class EarlyStopping:
                             f"evaluated tasks: {', '.join(sorted(available))}.")
 
 
-def merge_results(*results: Mapping[str, Mapping[str, float]]) -> Results:
-    """Per-task union of several result dicts (e.g. teacher-forced loss and inference metrics)."""
+def merge_results(teacher_forced: Mapping[str, Mapping[str, float]],
+                  inferred: Mapping[str, Mapping[str, float]]) -> Results:
+    """Per-task union of teacher-forced and inference metrics. The teacher-forced "accuracy" (of
+    next-token predictions) becomes "token_accuracy", so it never hides a task's own accuracy."""
     merged: Results = {}
-    for r in results:
-        for task, metrics in r.items():
-            merged.setdefault(task, {}).update(metrics)
+    for task, metrics in teacher_forced.items():
+        merged[task] = {("token_accuracy" if k == "accuracy" else k): v for k, v in metrics.items()}
+    for task, metrics in inferred.items():
+        merged.setdefault(task, {}).update(metrics)
     return merged
 
 
@@ -230,17 +233,17 @@ class TrainingMonitor:
 
         teacher_forced: this step's teacher-forced results, if the loop evaluated at this step.
         """
-        results = dict(teacher_forced or {})
+        inferred: Results = {}
         self.last_seconds = 0.0
         if self.inference is not None and self.inference.task_names and step % self.infer_eval_every == 0:
             t0 = time.perf_counter()
             inferred = self.inference.evaluate(params, step)
             self.last_seconds = time.perf_counter() - t0
             for task, metrics in inferred.items():
-                self.write_metrics(f"eval/{task}", step, metrics)
+                self.write_metrics(f"infer_eval/{task}", step, metrics)
                 if self.verbose:
                     print(f"  infer eval {task}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
-            results = merge_results(results, inferred)
+        results = merge_results(teacher_forced or {}, inferred)
         if self.early_stopping is None or not results:
             return False
         stop = self.early_stopping.should_stop(results)

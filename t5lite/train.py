@@ -151,7 +151,8 @@ def train(
     `eval_batches` batches of `eval_split` of each task of the eval mixture (default: the train
     mixture). Every `infer_eval_every` steps (0: never) the first `infer_eval_examples` examples
     of each eval task with seqio metric functions are decoded / scored (t5lite.evaluation).
-    early_stopping_metric ("task/metric", e.g. "wikitext2_span_corruption/loss") stops training
+    early_stopping_metric ("task/metric", e.g. "wikitext2_span_corruption/loss"; the teacher-forced
+    "accuracy" is named "token_accuracy" there, see evaluation.merge_results) stops training
     after `early_stopping_patience` evaluations without improvement (mode "min" or "max").
     """
     from t5lite import evaluation  # noqa: PLC0415  (keeps `import t5lite.train` light)

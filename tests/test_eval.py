@@ -113,7 +113,8 @@ def test_eval_reports_loss_and_metrics_and_rank_classification_picks_the_known_a
     assert "task 't5lite_test_no_metrics' has no metric functions" in out
     results = _results(model_dir, 1)
     assert set(results) == {"t5lite_test_copy", "t5lite_test_choice", "t5lite_test_no_metrics"}
-    assert {"loss", "perplexity", "accuracy", "bits_per_byte"} <= set(results["t5lite_test_copy"])
+    assert {"loss", "perplexity", "token_accuracy", "accuracy", "bits_per_byte"} <= set(results["t5lite_test_copy"])
+    assert results["t5lite_test_copy"]["accuracy"] == 0.0  # an untrained model copies nothing
     assert results["t5lite_test_copy"]["bits_per_byte"] > 1.0  # an untrained model: several bits per byte
     assert set(results["t5lite_test_no_metrics"]) >= {"loss", "perplexity"}
     # An untrained model spreads probability ~uniformly over 8192 ids, so a choice's log-likelihood
@@ -191,6 +192,6 @@ def test_training_runs_inference_eval_every_n_steps_and_stops_early(tmp_path, ca
     assert "early stopping at step 10" in out
     with open(os.path.join(model_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    inferred = [r for r in records if r["group"] == "eval/t5lite_test_copy" and "bits_per_byte" in r]
+    inferred = [r for r in records if r["group"] == "infer_eval/t5lite_test_copy"]
     assert [r["step"] for r in inferred] == [5, 10]
     assert evaluation.checkpoint_steps(os.path.join(model_dir, "checkpoints")) == [10]

@@ -9,6 +9,8 @@ Mixtures, "t5lite_default_{objective}": both corpora, each sampled in proportion
 train split's size in characters (WikiText-2 ~10x tiny Shakespeare).
 
 Preprocessing: {"text"} -> rekey to "targets" -> tokenize -> objective (preprocessors.py).
+Metrics (python -m t5lite.eval, train.infer_eval_every): span_corruption decodes the masked
+spans (accuracy = exact match of all spans); lm and prefix_lm score targets (bits per byte).
 Documents are tiny Shakespeare speeches and WikiText-2 articles (embedded_corpus.py).
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Callable
 import seqio
 import tensorflow as tf
 
-from t5lite.data import embedded_corpus, preprocessors, vocab
+from t5lite.data import embedded_corpus, metrics, preprocessors, vocab
 
 DocumentsFn = Callable[[str], tuple[str, ...]]
 
@@ -73,6 +75,13 @@ def _objective_preprocessors(objective: str) -> list[Callable[..., tf.data.Datas
     return [preprocessors.prefix_lm]
 
 
+METRIC_FNS: dict[str, list[Callable[..., dict[str, float]]]] = {
+    "span_corruption": [metrics.accuracy],
+    "lm": [metrics.bits_per_byte],
+    "prefix_lm": [metrics.bits_per_byte],
+}
+
+
 def _register_task(corpus: str, objective: str) -> None:
     name = f"{corpus}_{objective}"
     if name in seqio.TaskRegistry.names():  # importing twice (e.g. reload) must not fail
@@ -87,7 +96,7 @@ def _register_task(corpus: str, objective: str) -> None:
             functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
             *_objective_preprocessors(objective),
         ],
-        metric_fns=[],
+        metric_fns=METRIC_FNS[objective],
     )
 
 
