@@ -24,6 +24,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from t5lite import partitioning, trainer  # noqa: E402
+from t5lite.model import flops  # noqa: E402
 from t5lite.model.config import TransformerConfig  # noqa: E402
 from t5lite.model.models import Model  # noqa: E402
 
@@ -90,15 +91,20 @@ def main() -> None:
     args = parser.parse_args()
     shape = (args.batch, args.inputs, args.targets, args.steps, args.warmup)
 
+    peak = flops.measure_matmul_peak()
+    step_flops = flops.train_step_flops(T5_1_1_SMALL, args.batch, args.inputs, args.targets)
     rows = [t5lite_train_throughput(T5_1_1_SMALL, *shape)]
     if not args.skip_peer:
         rows.append(peer_train_throughput(args.peer_python, *shape))
     for row in rows:
+        row["mfu"] = step_flops / row["median_step_s"] / peak  # same model FLOPs for both
         print(json.dumps(row))
-    print(f"\n{'impl':28s} {'step (s)':>9s} {'train tok/s':>12s}")
+    print(f"\nmatmul peak (2048^2 float32, jax): {peak / 1e9:.1f} GFLOP/s; "
+          f"model FLOPs per step {step_flops / 1e9:.1f} G")
+    print(f"{'impl':28s} {'step (s)':>9s} {'train tok/s':>12s} {'MFU':>6s}")
     for row in rows:
         name = row.get("impl", row.get("peer"))
-        print(f"{name:28s} {row['median_step_s']:9.3f} {row['train_tokens_per_s']:12.0f}")
+        print(f"{name:28s} {row['median_step_s']:9.3f} {row['train_tokens_per_s']:12.0f} {row['mfu']:6.1%}")
     if len(rows) == 2:
         print(f"ratio t5lite / peer: {rows[0]['train_tokens_per_s'] / rows[1]['train_tokens_per_s']:.2f}x  "
               f"(CPU: {os.cpu_count()} cores, batch {args.batch}, {args.inputs}+{args.targets} tokens, float32)")

@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gin
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from t5lite import checkpoints, gin_cli, partitioning, trainer
+from t5lite import checkpoints, evaluation, gin_cli, partitioning, preemption, trainer
+from t5lite.data import pipeline  # registers the tasks and their gin configurables before parsing
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model, normalize_metric_sums
@@ -62,6 +63,7 @@ class TrainResult:
     model_dir: str
     step: int
     eval_results: dict[str, dict[str, float]]  # task -> metric -> value, at the final step
+    exit_code: int = 0  # 128 + signal number if SIGTERM / SIGINT stopped the run (after a checkpoint)
 
 
 def write_operative_config(model_dir: str) -> None:
@@ -91,8 +93,6 @@ def write_model_info(path: str, config: TransformerConfig, rows: Sequence[Mappin
 
 def load_eval_batches(task_names: Sequence[str], *, split: str, max_batches: int, **batch_kwargs) -> dict[str, list]:
     """The first `max_batches` batches of `split` of each eval task, read once and kept in memory."""
-    from t5lite.data import pipeline  # noqa: PLC0415  (keeps `import t5lite.train` light)
-
     out = {}
     for name in task_names:
         it = pipeline.get_batches(name, split=split, shuffle=False, num_epochs=1, **batch_kwargs)
@@ -139,6 +139,11 @@ def train(
     eval_batches: int = 8,
     checkpoint_every: int = 200,
     keep_checkpoints: int = 3,
+    checkpoint_best_metric: str | None = None,
+    checkpoint_best_mode: str = "min",
+    initial_checkpoint_path: str | None = None,
+    initial_checkpoint_rename: Mapping[str, str] = {},  # noqa: B006
+    on_nonfinite: str = "skip",
     infer_eval_every: int = 0,
     infer_eval_examples: int = 32,
     early_stopping_metric: str | None = None,
@@ -152,11 +157,23 @@ def train(
     mixture). Every `infer_eval_every` steps (0: never) the first `infer_eval_examples` examples
     of each eval task with seqio metric functions are decoded / scored (t5lite.evaluation).
     early_stopping_metric ("task/metric", e.g. "wikitext2_span_corruption/loss"; the teacher-forced
-    "accuracy" is named "token_accuracy" there, see evaluation.merge_results) stops training
-    after `early_stopping_patience` evaluations without improvement (mode "min" or "max").
+    "accuracy" is named "token_accuracy" there, see evaluation.merge_results) stops training, with
+    a checkpoint, after `early_stopping_patience` evaluations without improvement (mode "min"/"max").
+
+    State: the latest checkpoint in MODEL_DIR/checkpoints if there is one (exact resume), else a
+    fresh initialisation whose params are replaced by those of `initial_checkpoint_path` (a
+    .../checkpoints/<step> directory; see checkpoints.load_initial_params for the renaming) if set.
+    Checkpoints kept: the last `keep_checkpoints`, pinned ones, and with `checkpoint_best_metric`
+    (an eval metric averaged over the eval tasks, e.g. "loss") the best one by
+    `checkpoint_best_mode` among the steps saved when an eval ran.
+
+    A step whose loss or gradients are not finite is never applied. on_nonfinite="skip" goes on
+    with the next batch (metrics.jsonl counts skipped_steps); "stop" saves a checkpoint at that
+    step (the parameters before it) and raises UserError naming it. SIGTERM / SIGINT save a
+    checkpoint at the current step and return with exit_code 128 + signal number.
     """
-    from t5lite import evaluation  # noqa: PLC0415  (keeps `import t5lite.train` light)
-    from t5lite.data import pipeline  # noqa: PLC0415  (registers the tasks)
+    if on_nonfinite not in ("skip", "stop"):
+        raise UserError(f"train.on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
 
     # --- Output directory --------------------------------------------------------------------
     model_dir = ensure_writable_dir(model_dir)
@@ -194,15 +211,24 @@ def train(
     num_params = write_model_info(os.path.join(model_dir, "model-info.txt"), config, rows, mesh, rules) \
         if is_chief else sum(int(np.prod(r["shape"])) for r in rows)
 
-    # --- State: resume from MODEL_DIR or initialise ------------------------------------------------------
-    ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"),
-                                    save_every=checkpoint_every, keep=keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, init.abstract_state)
+    # --- State and data position: resume from MODEL_DIR or initialise ---------------------------------
+    # The train stream is built first so that a resume can put it back where the checkpoint left it:
+    # a resumed run sees exactly the batches an uninterrupted run would have seen.
+    train_batches = pipeline.get_batches(mixture_or_task_name, split="train", shuffle=True, num_epochs=None,
+                                         seed=seed, **batch_kwargs)
+    ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), save_every=checkpoint_every,
+                                    keep=keep_checkpoints, best_metric=checkpoint_best_metric,
+                                    best_mode=checkpoint_best_mode)
+    resumed = ckpt.restore_latest(init.abstract_state, train_batches)
+    if resumed is not None:
+        state, latest = resumed
         print(f"Resumed from {ckpt.directory}/{latest}", flush=True)
     else:
         state = init.init_fn(jax.random.PRNGKey(seed))
+        if initial_checkpoint_path:
+            state = state.replace(params=checkpoints.load_initial_params(
+                initial_checkpoint_path, state.params, rename=initial_checkpoint_rename))
+            print(f"Initialised the params from {initial_checkpoint_path}", flush=True)
     start_step = int(state.step)
 
     # --- Compiled steps ---------------------------------------------------------------------------
@@ -218,12 +244,6 @@ def train(
     )
     eval_step = jax.jit(_with_rules(trainer.make_eval_step(model, loss_config), rules),
                         in_shardings=(init.state_shardings.params, batch_sharding))
-
-    # The train stream restarts from a seed derived from the resume step: a resumed run continues
-    # on fresh, deterministic data (not the exact examples an uninterrupted run would have seen).
-    train_batches: Iterator = pipeline.get_batches(
-        mixture_or_task_name, split="train", shuffle=True, num_epochs=None,
-        seed=seed + start_step, **batch_kwargs)
 
     writer = MetricsWriter(model_dir, enabled=is_chief)
     monitor = evaluation.TrainingMonitor(
@@ -244,7 +264,9 @@ def train(
     t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
     pending_metrics = []
     eval_results: dict[str, dict[str, float]] = {}
-    with mesh:
+    nonfinite_step, preempted = None, False
+    stop_request = preemption.StopRequest()
+    with mesh, stop_request:
         for step in range(start_step, num_train_steps):
             batch = next(train_batches)
             real, total = count_real_tokens(batch)
@@ -259,19 +281,26 @@ def train(
 
             if done % log_every == 0 or done == num_train_steps:
                 means = _mean_metrics(pending_metrics)
+                means["skipped_steps"] = round(means.pop("update_skipped") * len(pending_metrics))
                 elapsed = time.perf_counter() - t_interval
                 rates = {"steps_per_s": steps_in_interval / elapsed,
                          "tokens_per_s": all_tokens / elapsed, "real_tokens_per_s": real_tokens / elapsed}
                 eta = (num_train_steps - done) / max(rates["steps_per_s"], 1e-9)
                 if is_chief:
                     print(progress_line(done, num_train_steps, means, rates, eta), flush=True)
+                    if means["skipped_steps"]:
+                        print(f"  {means['skipped_steps']} step(s) up to {done} skipped: non-finite loss or "
+                              "gradients", flush=True)
                 writer.write("train", done, {**means, **rates})
                 t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
                 pending_metrics = []
 
-            ckpt.save(done, state, force=done == num_train_steps)
+            if on_nonfinite == "stop" and float(metrics["update_skipped"]):  # waits for this step
+                nonfinite_step = done
+            preempted = stop_request.reached(done)
+            stop = nonfinite_step is not None or preempted
 
-            evaluated = done % eval_every == 0 or done == num_train_steps
+            evaluated = not stop and (done % eval_every == 0 or done == num_train_steps)
             if evaluated:
                 t_eval = time.perf_counter()
                 eval_results = evaluate(eval_step, state.params, eval_data, mesh)
@@ -282,18 +311,33 @@ def train(
                               f"perplexity {m['perplexity']:.2f}  ({format_duration(time.perf_counter() - t_eval)})",
                               flush=True)
                 t_interval = time.perf_counter()  # keep eval time out of the training rates
-            stop = monitor.after_step(done, state.params, eval_results if evaluated else None)
-            t_interval += monitor.last_seconds  # keep inference eval time out of the training rates
-            if stop:  # early stopping: keep this state as the last checkpoint
-                if done % checkpoint_every and done != num_train_steps:
-                    ckpt.save(done, state, force=True)
+            if not stop:  # inference eval when due; early stopping ends the run like a stop request
+                stop = monitor.after_step(done, state.params, eval_results if evaluated else None)
+                t_interval += monitor.last_seconds  # keep inference eval time out of the training rates
+
+            ckpt.save(done, state, train_batches, force=stop or done == num_train_steps,
+                      metrics=_mean_over_tasks(eval_results) if evaluated else None)
+            if stop:
                 break
 
     if start_step >= num_train_steps:
         eval_results = evaluate(eval_step, state.params, eval_data, mesh)
-    ckpt.wait()
+    else:  # the last state must reach the disk: a failed save is retried, not dropped
+        ckpt.save_until_written(int(state.step), state, train_batches)
     ckpt.close()
     writer.close()
+    if nonfinite_step is not None:
+        raise UserError(
+            f"Non-finite loss or gradients at step {nonfinite_step} (train.on_nonfinite='stop'). Its update was "
+            f"not applied: checkpoint {ckpt.directory}/{nonfinite_step} holds the parameters of step "
+            f"{nonfinite_step - 1}. Lower the learning rate, or set train.on_nonfinite='skip', and run the same "
+            "command to continue after this batch."
+        )
+    if preempted:
+        print(f"Stopped by a preemption signal at step {int(state.step)}; checkpoint saved in "
+              f"{ckpt.directory}. Run the same command to resume.", flush=True)
+        return TrainResult(model_dir=model_dir, step=int(state.step), eval_results=eval_results,
+                           exit_code=stop_request.exit_code)
     if is_chief:
         with open(os.path.join(model_dir, "eval_results.json"), "w") as f:
             json.dump({"step": int(state.step), "tasks": eval_results}, f, indent=2)
@@ -309,6 +353,11 @@ def _with_rules(fn, rules):
             return fn(*args)
 
     return wrapped
+
+
+def _mean_over_tasks(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """{task: {metric: value}} -> {metric: mean over tasks}."""
+    return {k: float(np.mean([m[k] for m in results.values()])) for k in next(iter(results.values()))}
 
 
 def _mean_metrics(metrics: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:
@@ -328,5 +377,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:  # gin errors included; internal bugs keep their traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return result.exit_code
 

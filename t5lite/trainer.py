@@ -125,7 +125,11 @@ def make_train_step(
     model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
     loss_config: LossConfig, num_microbatches: int = 1, use_dropout: bool = True,
 ) -> Callable[[TrainState, Mapping[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
-    """(state, batch, rng) -> (new_state, metrics); jit it with shardings and donate the state."""
+    """(state, batch, rng) -> (new_state, metrics); jit it with shardings and donate the state.
+
+    metrics["update_skipped"] is 1.0 if the loss or the gradients were not finite: then new_state
+    has the old params and optimizer state, and only the step counter advanced.
+    """
 
     def train_step(state: TrainState, batch: Mapping[str, Array], rng: Array):
         dropout_rng = jax.random.fold_in(rng, state.step) if use_dropout else None
@@ -139,6 +143,12 @@ def make_train_step(
         metrics = normalize_metric_sums(sums)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state.step)
+        # A non-finite loss or gradient leaves params and optimizer state as they were; the step
+        # still counts (the schedule and the data move on). train.on_nonfinite decides what follows.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        params, opt_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state))
+        metrics["update_skipped"] = 1.0 - finite.astype(jnp.float32)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

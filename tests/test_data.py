@@ -122,7 +122,9 @@ def test_train_sentencepiece_is_deterministic_with_t5_ids(tmp_path, monkeypatch)
 
 def test_tasks_and_mixtures_are_registered_once_even_on_reimport():
     importlib.reload(tasks)
-    for objective in tasks.OBJECTIVES:
+    ul2 = {f"{corpus}_{o}" for corpus in tasks.CORPORA for o in tasks.OBJECTIVES if o.startswith("ul2_")}
+    assert set(pipeline.list_tasks_of("t5lite_default_ul2")) == ul2 and len(ul2) == 12
+    for objective in ("span_corruption", "lm", "prefix_lm"):
         assert pipeline.list_tasks_of(f"t5lite_default_{objective}") == [
             f"tiny_shakespeare_{objective}",
             f"wikitext2_{objective}",
@@ -205,6 +207,34 @@ def test_same_seed_gives_the_same_batches_and_another_seed_different_ones():
     assert not same(first_batches(seed=8), reference)
 
 
+@pytest.mark.parametrize("objective", ["span_corruption", "prefix_lm"])
+def test_a_restored_stream_continues_with_the_batches_the_saved_one_would_have_given(tmp_path, objective):
+    # Through the mixture sampler, document and example shuffling, seeded objectives and packing.
+    model_type, lengths = OBJECTIVES[objective]
+
+    def stream():
+        return batches(f"t5lite_default_{objective}", model_type, lengths, split="train", batch_size=4,
+                       shuffle=True, seed=3)
+
+    saved = stream()
+    for _ in range(3):
+        next(saved)
+    saved.save(str(tmp_path / "position"))
+    expected = [next(saved) for _ in range(3)]
+
+    restored = stream()
+    restored.restore(str(tmp_path / "position"))
+    got = [next(restored) for _ in range(3)]
+    for want, have in zip(expected, got, strict=True):
+        assert want.keys() == have.keys() and all(np.array_equal(want[k], have[k]) for k in want)
+
+
+def test_a_stream_cannot_be_saved_before_its_first_batch_is_taken(tmp_path):
+    stream = batches("tiny_shakespeare_lm", "decoder_only", {"targets": 64})
+    with pytest.raises(RuntimeError, match="next"):
+        stream.save(str(tmp_path / "position"))
+
+
 def lm_rows(**kwargs) -> list[list[int]]:
     """Every (unpacked) validation row of tiny_shakespeare_lm, without padding."""
     rows = batches(
@@ -257,3 +287,25 @@ def test_empty_split_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv(embedded_corpus.CORPUS_DIR_ENV, str(tmp_path))
     with pytest.raises(ValueError, match=r"'tiny_shakespeare_lm' split 'validation' produced no batch"):
         batches("tiny_shakespeare_lm", "decoder_only", {"targets": 64}, num_epochs=1)
+
+
+def test_vocab_cli_trains_from_a_task_and_reports_tokens_per_character(tmp_path, capsys):
+    from t5lite.data import vocab as vocab_lib
+
+    code = vocab_lib.main([f"--output={tmp_path}/v", "--task=tiny_shakespeare_lm", "--vocab_size=400",
+                           "--model_type=bpe"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "500 ids with 100 sentinels" in out
+    ratio = float(out.split("; ")[1].split()[0])
+    assert 0.2 < ratio < 1.0  # a 400-piece BPE spends fewer than one token per character
+    assert os.path.exists(f"{tmp_path}/v.model")
+
+
+def test_byte_level_task_uses_byte_ids():
+    batch = next(pipeline.get_batches("tiny_shakespeare_bytes_lm", split="validation",
+                                      task_feature_lengths={"targets": 64}, model_type="decoder_only",
+                                      batch_size=2, shuffle=False, seed=0))
+    tokens = batch["decoder_target_tokens"]
+    assert tokens.max() < 259 and (tokens > 0).all()  # 3 special ids + 256 bytes, no padding when chunked
+    assert "c4_span_corruption" in seqio.TaskRegistry.names()

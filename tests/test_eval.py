@@ -151,7 +151,7 @@ def test_checkpoint_of_another_model_is_a_user_error(tmp_path, capsys):
     _save_random_checkpoint(model_dir, 1, 0, "--gin.TransformerConfig.emb_dim=32",
                             "--gin.TransformerConfig.num_decoder_layers=1")
     assert eval_lib.main(_gin_args(model_dir)) == 2
-    assert "does not match the configured model" in capsys.readouterr().err
+    assert "cannot be restored into the configured model" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_path_is_a_user_error(tmp_path, capsys):

@@ -188,3 +188,31 @@ def test_prefix_lm_splits_each_chunk_at_a_random_point_that_fits():
         chunk_length = len(example["inputs"]) + len(example["targets"])
         assert 1 <= len(example["targets"]) <= 6 and 1 <= len(example["inputs"]) < chunk_length
     assert len({len(example["inputs"]) for example in examples}) > 1
+
+
+def test_ul2_denoisers_prefix_their_mode_token_and_fit_the_lengths():
+    from t5lite.data import pipeline, vocab
+
+    v = vocab.get_default_vocabulary()
+    lengths = {"inputs": 256, "targets": 256}
+    assert set(pipeline.list_tasks_of("wikitext2_ul2")) == {f"wikitext2_ul2_{d}" for d in preprocessors.UL2_DENOISERS}
+    for denoiser, (mode, span_kwargs) in preprocessors.UL2_DENOISERS.items():
+        task = seqio.TaskRegistry.get(f"wikitext2_ul2_{denoiser}")
+        examples = list(task.get_dataset(lengths, split="validation", shuffle=False, seed=0).take(5)
+                        .as_numpy_iterator())
+        mode_ids = v.encode(mode)
+        for ex in examples:
+            assert list(ex["inputs"][: len(mode_ids)]) == mode_ids
+            assert len(ex["inputs"]) <= 256 and len(ex["targets"]) <= 256
+            assert ex["inputs"][-1] == v.eos_id and ex["targets"][-1] == v.eos_id
+        if span_kwargs:  # the corrupted tokens are about noise_density of the chunk
+            sentinels = sum(int((ex["targets"] >= v.vocab_size - 100).sum()) for ex in examples)
+            noise = sum(len(ex["targets"]) - 1 for ex in examples) - sentinels
+            total = noise + sum(len(ex["inputs"]) - len(mode_ids) - 1 for ex in examples) - sentinels
+            assert abs(noise / total - span_kwargs["noise_density"]) < 0.03
+
+
+def test_ul2_lengths_too_short_for_extreme_spans_are_named():
+    task = seqio.TaskRegistry.get("wikitext2_ul2_x64")
+    with pytest.raises(ValueError, match="mean_noise_span_length=64.0"):
+        task.get_dataset({"inputs": 128, "targets": 128}, split="validation", shuffle=False, seed=0)

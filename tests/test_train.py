@@ -3,12 +3,17 @@
 import glob
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from t5lite import gin_cli
@@ -79,6 +84,16 @@ def test_tiny_model_trains_on_real_text_and_writes_its_outputs(tmp_path, capsys)
     assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == ["30", "60"]
     assert "step 60/60" in out.out and "ETA" in out.out and "tok/s" in out.out
 
+    # Fine-tuning from it: a new MODEL_DIR starts from its params (not its step or optimizer state).
+    finetune_dir = str(tmp_path / "finetune")
+    gin.clear_config()
+    code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{finetune_dir}'", "--gin.TRAIN_STEPS=5",
+                                      f"--gin.train.initial_checkpoint_path='{model_dir}/checkpoints/60'"], capsys)
+    assert code == 0, out.err
+    assert f"Initialised the params from {model_dir}/checkpoints/60" in out.out
+    finetune = [r for r in _jsonl(finetune_dir) if r["group"] == "train"]
+    assert finetune[0]["step"] == 5 and finetune[0]["loss"] < train[0]["loss"] - 1.0
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mixture, lengths, prefix_lm", [
@@ -99,34 +114,108 @@ def test_decoder_only_model_trains(tmp_path, capsys, mixture, lengths, prefix_lm
     assert all(m["perplexity"] < 8192 for m in results["tasks"].values())
 
 
+def _train_command(model_dir, *extra):
+    return [sys.executable, "-m", "t5lite.train", *TINY_RUN, f"--gin.MODEL_DIR='{model_dir}'",
+            "--gin.train.log_every=1", "--gin.train.eval_every=1000", *extra]
+
+
+def _losses_by_step(model_dir):
+    """step -> loss; a step trained twice (before a kill and after the resume) keeps its last value."""
+    return {r["step"]: r["loss"] for r in _jsonl(model_dir) if r["group"] == "train"}
+
+
+def _saved_params(model_dir, step):
+    state = ocp.PyTreeCheckpointer().restore(os.path.join(model_dir, "checkpoints", str(step), "state"))
+    return jax.tree_util.tree_map(np.asarray, state["params"])
+
+
+def _wait_for_step(proc, model_dir, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        metrics = os.path.join(model_dir, "metrics.jsonl")
+        if os.path.exists(metrics) and max(_losses_by_step(model_dir), default=0) >= step:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the run did not reach step {step} (exit code {proc.poll()})")
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
-    model_dir = str(tmp_path / "run")
-    args = [sys.executable, "-m", "t5lite.train", *TINY_RUN, f"--gin.MODEL_DIR='{model_dir}'",
-            "--gin.train.checkpoint_every=5", "--gin.train.eval_every=1000"]
-    ckpt_dir = os.path.join(model_dir, "checkpoints")
-    proc = subprocess.Popen(args + ["--gin.TRAIN_STEPS=10000"], cwd=REPO,
+def test_killed_run_resumes_exactly_where_it_stopped(tmp_path):
+    # kill -9 at a random step, restart: the same losses and, bitwise, the same final parameters
+    # as an uninterrupted run (the input pipeline's position is part of every checkpoint).
+    steps, kill_at = 30, random.randint(6, 20)  # the kill lands a few steps later: ~20 steps/s
+    reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
+    extra = ["--gin.train.checkpoint_every=5", f"--gin.TRAIN_STEPS={steps}", "--gin.train.eval_batches=1"]
+    subprocess.run(_train_command(reference, *extra), cwd=REPO, check=True, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_train_command(interrupted, *extra), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-            if any(int(s) >= 10 for s in steps):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("no checkpoint at step >= 10 within 300 s")
+        _wait_for_step(proc, interrupted, kill_at)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    saved = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-    done = subprocess.run(args + [f"--gin.TRAIN_STEPS={saved + 5}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    killed_at = max(_losses_by_step(interrupted))
+    done = subprocess.run(_train_command(interrupted, *extra), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = [line for line in done.stdout.splitlines() if line.startswith("Resumed from")]
-    assert resumed and resumed[0].endswith(f"/{saved}"), done.stdout[-2000:]
-    assert f"step {saved + 5}/{saved + 5}" in done.stdout
-    assert f"step {5}/" not in done.stdout  # nothing before the checkpoint was re-trained
+    assert resumed, (killed_at, done.stdout[-3000:])
+    resumed_from = int(resumed[0].rsplit("/", 1)[1])
+    assert 5 <= resumed_from <= killed_at and resumed_from % 5 == 0, (resumed_from, killed_at)
+    assert f"step {resumed_from}/" not in done.stdout  # nothing before the checkpoint was re-trained
+
+    assert _losses_by_step(interrupted) == _losses_by_step(reference), f"killed at step {killed_at}"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _saved_params(interrupted, steps),
+                           _saved_params(reference, steps))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_in_flight_and_exits_143(tmp_path):
+    model_dir = str(tmp_path / "run")
+    proc = subprocess.Popen(_train_command(model_dir, "--gin.TRAIN_STEPS=10000", "--gin.train.checkpoint_every=1000"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        _wait_for_step(proc, model_dir, 5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:]
+    stopped_at = max(_losses_by_step(model_dir))
+    assert f"Stopped by a preemption signal at step {stopped_at}" in stdout
+    assert os.listdir(os.path.join(model_dir, "checkpoints")) == [str(stopped_at)]
+
+
+# An SGD learning rate of 1e30 makes the parameters overflow within a few steps.
+DIVERGING = ["--gin.make_optimizer.name='sgd'", "--gin.make_schedule.name='constant'",
+             "--gin.make_schedule.learning_rate=1e30", "--gin.train.checkpoint_every=1000"]
+
+
+@pytest.mark.slow
+def test_nonfinite_stop_saves_the_last_good_parameters_and_names_the_step(tmp_path, capsys):
+    model_dir = str(tmp_path / "run")
+    code, out = _run_main(TINY_RUN + DIVERGING + [f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=20",
+                                                  "--gin.train.on_nonfinite='stop'", "--gin.train.log_every=1"], capsys)
+    assert code == 2, out.err
+    bad_step = int(re.search(r"Non-finite loss or gradients at step (\d+)", out.err).group(1))
+    assert 1 <= bad_step < 20
+    assert os.listdir(os.path.join(model_dir, "checkpoints")) == [str(bad_step)]
+    params = _saved_params(model_dir, bad_step)
+    assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.slow
+def test_nonfinite_skip_counts_skipped_steps_and_finishes(tmp_path, capsys):
+    model_dir = str(tmp_path / "run")
+    code, out = _run_main(TINY_RUN + DIVERGING + [f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=10",
+                                                  "--gin.train.eval_every=1000"], capsys)
+    assert code == 0, out.err
+    train = [r for r in _jsonl(model_dir) if r["group"] == "train"]
+    assert train[-1]["step"] == 10 and sum(r["skipped_steps"] for r in train) >= 5
+    assert "skipped: non-finite loss or gradients" in out.out
+    params = _saved_params(model_dir, 10)
+    assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves(params))
 
 
 # --- Errors a user can make: a clear message, exit code 2, nothing written ------------------------------

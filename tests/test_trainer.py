@@ -112,6 +112,26 @@ def test_gradient_accumulation_update_equals_one_big_batch_update(model_and_para
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_non_finite_step_keeps_params_and_optimizer_state(model_and_params):
+    model, params = model_and_params
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    state = trainer.TrainState(step=jnp.ones((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    step = jax.jit(trainer.make_train_step(model, optimizer, optax.constant_schedule(0.1),
+                                           loss_config=trainer.LossConfig(), use_dropout=False))
+    poisoned = _batch(1)
+    poisoned["encoder_input_tokens"][0, 0] = 1000  # outside the 64-row embedding: jnp.take gives NaN
+
+    skipped, metrics = step(state, poisoned, jax.random.PRNGKey(0))
+    assert not np.isfinite(metrics["loss"]) and metrics["update_skipped"] == 1.0
+    assert int(skipped.step) == 2
+    jax.tree_util.tree_map(np.testing.assert_array_equal, (skipped.params, skipped.opt_state),
+                           (state.params, state.opt_state))
+
+    applied, metrics = step(state, _batch(1), jax.random.PRNGKey(0))
+    assert metrics["update_skipped"] == 0.0
+    assert not np.array_equal(applied.params["token_embedder"]["embedding"], params["token_embedder"]["embedding"])
+
+
 def test_microbatches_must_divide_the_batch(model_and_params):
     model, params = model_and_params
     step = trainer.make_train_step(model, optax.sgd(0.1), optax.constant_schedule(0.1),

@@ -5,6 +5,7 @@ Usage:
                           task_feature_lengths={"inputs": 512, "targets": 114},
                           model_type="encoder_decoder", batch_size=8, shuffle=True, seed=0)
     batch = next(batches)  # {"encoder_input_tokens": int32 [8, 512], ...}
+    batches.save("/ckpt/data/process_0")     # the stream's position (see BatchIterator)
 """
 
 import difflib
@@ -44,7 +45,7 @@ def get_batches(
     num_epochs: int | None = None,
     pack: bool = True,
     shard_info: seqio.ShardInfo | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> "BatchIterator":
     """Batches of model features for this host.
 
     Args:
@@ -62,7 +63,7 @@ def get_batches(
       shard_info: this host's shard; hosts get disjoint examples.
 
     Returns:
-      An iterator of {feature: int32 [batch_size, length]}. The first batch is built
+      A BatchIterator of {feature: int32 [batch_size, length]}. The first batch is built
       eagerly, so a bad name, split or length fails here, not at the first next().
     """
     provider = _get_provider(mixture_or_task_name)
@@ -88,15 +89,58 @@ def get_batches(
         batch_size=batch_size,  # seqio batches with drop_remainder=True
         verbose=False,
     )
-    batches = dataset.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-    first_batch = next(batches, None)
-    if first_batch is None:
+    batches = BatchIterator(dataset.prefetch(tf.data.AUTOTUNE))
+    if batches.is_empty:
         raise UserError(
             f"{mixture_or_task_name!r} split {split!r} produced no batch of {batch_size} "
             f"examples (lengths {dict(task_feature_lengths)}, shard {shard_info}): the split "
             "is empty or smaller than one batch. Lower batch_size or check the data."
         )
-    return itertools.chain([first_batch], batches)
+    return batches
+
+
+class BatchIterator(Iterator[dict[str, np.ndarray]]):
+    """Numpy batches of a tf.data pipeline whose position can be saved to files and restored.
+
+    save/restore use tf.data iterator checkpointing: the state of every shuffle buffer, seed
+    generator, mixture sampler and packing buffer goes to `prefix.index` and `prefix.data-*`, so a
+    restored iterator yields exactly the batches the saved one would have yielded next.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset):
+        self._iterator = iter(dataset)
+        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+        self._first_batch = self._next_or_none()  # read eagerly, so pipeline errors surface at once
+
+    @property
+    def is_empty(self) -> bool:
+        """True if the pipeline produced no batch at all (only meaningful before the first next())."""
+        return self._first_batch is None
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._first_batch is not None:
+            batch, self._first_batch = self._first_batch, None
+            return batch
+        batch = self._next_or_none()
+        if batch is None:
+            raise StopIteration
+        return batch
+
+    def save(self, prefix: str) -> None:
+        """Writes the position after the last batch returned by next()."""
+        if self._first_batch is not None:
+            # The tf.data iterator is already past the eagerly read first batch.
+            raise RuntimeError("BatchIterator.save() needs at least one next() first.")
+        self._checkpoint.write(prefix)
+
+    def restore(self, prefix: str) -> None:
+        """Continues from a position written by save() (of the same pipeline and arguments)."""
+        self._checkpoint.read(prefix).assert_consumed()
+        self._first_batch = None
+
+    def _next_or_none(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._iterator, None)
+        return None if batch is None else {k: v.numpy() for k, v in batch.items()}
 
 
 def list_tasks_of(mixture_or_task_name: str) -> list[str]:
@@ -105,6 +149,26 @@ def list_tasks_of(mixture_or_task_name: str) -> list[str]:
     if isinstance(provider, seqio.Mixture):
         return [task.name for task in provider.tasks]
     return [provider.name]
+
+
+# Source fields joined into an example's raw text, in this order, when present.
+RAW_TEXT_FIELDS = ("text", "inputs", "targets", "question", "answer", "sentence", "context", "continuation")
+
+
+def raw_texts(task_name: str, split: str, limit: int | None = None) -> list[str]:
+    """The source text of a Task's split, before any preprocessing (dedup, vocab, inspect).
+
+    Joins the string fields in RAW_TEXT_FIELDS (and any other string field) of each example.
+    """
+    task = _get_provider(task_name)
+    if isinstance(task, seqio.Mixture):
+        raise UserError(f"{task_name!r} is a Mixture; pass one of its Tasks: {list_tasks_of(task_name)}.")
+    _check_split(task, split)
+    texts = []
+    for example in itertools.islice(task.source.get_dataset(split=split, shuffle=False).as_numpy_iterator(), limit):
+        keys = [k for k in RAW_TEXT_FIELDS if k in example] + sorted(set(example) - set(RAW_TEXT_FIELDS))
+        texts.append(" ".join(example[k].decode("utf-8") for k in keys if isinstance(example[k], bytes)))
+    return texts
 
 
 def _get_provider(name: str) -> seqio.Task | seqio.Mixture:

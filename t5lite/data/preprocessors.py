@@ -305,6 +305,44 @@ def prefix_lm(
     return _split_at_random_point(chunks, max_targets_length=targets_length)
 
 
+# ------------------------------------------------------------------ UL2 mixture of denoisers
+
+# UL2 (Tay et al. 2022): regular (R) and extreme (X) span corruption and sequential (S, prefix
+# LM) denoising, each announced to the model by a mode token at the start of the inputs.
+UL2_DENOISERS: dict[str, tuple[str, dict[str, float] | None]] = {
+    "r3": ("[NLU]", {"noise_density": 0.15, "mean_noise_span_length": 3.0}),
+    "r8": ("[NLU]", {"noise_density": 0.15, "mean_noise_span_length": 8.0}),
+    "x3": ("[NLG]", {"noise_density": 0.5, "mean_noise_span_length": 3.0}),
+    "x8": ("[NLG]", {"noise_density": 0.5, "mean_noise_span_length": 8.0}),
+    "x64": ("[NLG]", {"noise_density": 0.15, "mean_noise_span_length": 64.0}),
+    "s": ("[S2S]", None),  # prefix LM
+}
+
+
+def ul2_denoiser(
+    dataset: tf.data.Dataset, sequence_length: SequenceLengths, output_features: OutputFeatures, *, denoiser: str
+) -> tf.data.Dataset:
+    """One UL2 denoiser: its objective on inputs shortened by the mode token, then the token.
+
+    Returns {"inputs": [mode tokens, ...corrupted or prefix...], "targets": [...]} (EOS later).
+    """
+    if denoiser not in UL2_DENOISERS:
+        raise UserError(f"Unknown UL2 denoiser {denoiser!r}; choose one of {sorted(UL2_DENOISERS)}.")
+    mode, span_kwargs = UL2_DENOISERS[denoiser]
+    mode_tokens = output_features["inputs"].vocabulary.encode(mode)
+    inputs_length = _required_length(sequence_length, "inputs", f"ul2 {denoiser}")
+    shorter = {**sequence_length, "inputs": inputs_length - len(mode_tokens)}
+    if span_kwargs is None:
+        # One less for the EOS that the task appends to the targets too.
+        shorter["targets"] = _required_length(sequence_length, "targets", f"ul2 {denoiser}") - 1
+        dataset = prefix_lm(dataset, shorter, output_features)
+    else:
+        dataset = span_corruption(dataset, shorter, output_features, **span_kwargs)
+    prefix = tf.constant(mode_tokens, tf.int32)
+    return dataset.map(lambda ex: {**ex, "inputs": tf.concat([prefix, tf.cast(ex["inputs"], tf.int32)], 0)},
+                       num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _required_length(sequence_length: SequenceLengths | None, key: str, objective: str) -> int:
     if not sequence_length or key not in sequence_length:
         raise UserError(

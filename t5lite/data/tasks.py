@@ -9,18 +9,20 @@ Mixtures, "t5lite_default_{objective}": both corpora, each sampled in proportion
 train split's size in characters (WikiText-2 ~10x tiny Shakespeare).
 
 Preprocessing: {"text"} -> rekey to "targets" -> tokenize -> objective (preprocessors.py).
-Metrics (python -m t5lite.eval, train.infer_eval_every): span_corruption decodes the masked
-spans (accuracy = exact match of all spans); lm and prefix_lm score targets (bits per byte).
+Metrics (python -m t5lite.eval, train.infer_eval_every): lm and prefix_lm score targets (bits
+per byte); span corruption and UL2 decode the targets (accuracy = exact match of all of them).
 Documents are tiny Shakespeare speeches and WikiText-2 articles (embedded_corpus.py).
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import seqio
 import tensorflow as tf
 
 from t5lite.data import embedded_corpus, metrics, preprocessors, vocab
+from t5lite.data import sources as sources_lib
+from t5lite.errors import UserError
 
 DocumentsFn = Callable[[str], tuple[str, ...]]
 
@@ -31,7 +33,7 @@ CORPORA: dict[str, tuple[DocumentsFn, tuple[str, ...]]] = {
     ),
     "wikitext2": (embedded_corpus.wikitext2_documents, embedded_corpus.WIKITEXT2_SPLITS),
 }
-OBJECTIVES = ("span_corruption", "lm", "prefix_lm")
+OBJECTIVES = ("span_corruption", "lm", "prefix_lm", *(f"ul2_{d}" for d in preprocessors.UL2_DENOISERS))
 
 
 def _text_dataset(
@@ -55,12 +57,12 @@ def _train_characters(documents_fn: DocumentsFn, unused_task: seqio.Task) -> flo
     return float(sum(len(document) for document in documents_fn("train")))
 
 
-def _output_features(objective: str) -> dict[str, seqio.Feature]:
-    vocabulary = vocab.get_default_vocabulary()
+def _output_features(objective: str, vocabulary: seqio.Vocabulary | None = None) -> dict[str, seqio.Feature]:
+    vocabulary = vocabulary or vocab.get_default_vocabulary()
     if objective == "lm":
         # Documents inside a chunk are already separated by EOS; a chunk end is not a document end.
         return {"targets": seqio.Feature(vocabulary, add_eos=False)}
-    add_eos = objective == "span_corruption"
+    add_eos = objective == "span_corruption" or objective.startswith("ul2_")
     return {
         "inputs": seqio.Feature(vocabulary, add_eos=add_eos),
         "targets": seqio.Feature(vocabulary, add_eos=add_eos),
@@ -72,31 +74,110 @@ def _objective_preprocessors(objective: str) -> list[Callable[..., tf.data.Datas
         return [preprocessors.span_corruption, seqio.preprocessors.append_eos_after_trim]
     if objective == "lm":
         return [preprocessors.causal_lm]
+    if objective.startswith("ul2_"):
+        denoiser = objective[len("ul2_"):]
+        return [functools.partial(preprocessors.ul2_denoiser, denoiser=denoiser),
+                seqio.preprocessors.append_eos_after_trim]
     return [preprocessors.prefix_lm]
 
 
-METRIC_FNS: dict[str, list[Callable[..., dict[str, float]]]] = {
-    "span_corruption": [metrics.accuracy],
-    "lm": [metrics.bits_per_byte],
-    "prefix_lm": [metrics.bits_per_byte],
-}
+def _objective_metric_fns(objective: str) -> list[Callable[..., dict[str, float]]]:
+    return [metrics.bits_per_byte] if objective in ("lm", "prefix_lm") else [metrics.accuracy]
 
 
-def _register_task(corpus: str, objective: str) -> None:
-    name = f"{corpus}_{objective}"
-    if name in seqio.TaskRegistry.names():  # importing twice (e.g. reload) must not fail
-        return
-    documents_fn, splits = CORPORA[corpus]
-    seqio.TaskRegistry.add(
+def add_pretraining_task(
+    name: str,
+    source: seqio.DataSource,
+    *,
+    objective: str,
+    text_field: str = "text",
+    vocabulary: seqio.Vocabulary | None = None,
+    extra_preprocessors: Sequence[Callable[..., tf.data.Dataset]] = (),
+) -> seqio.Task:
+    """Registers a pretraining Task: raw text -> tokens -> objective (span_corruption, lm, prefix_lm).
+
+    vocabulary: default the shipped SentencePiece one; e.g. seqio.ByteVocabulary(extra_ids=100)
+      for byte-level models (set TransformerConfig.vocab_size >= its vocab_size).
+    extra_preprocessors run on the raw text before tokenization (e.g. a cleaning preprocessor).
+    Registering a name twice returns the existing Task, so a module can be imported again.
+    """
+    if objective not in OBJECTIVES:
+        raise UserError(f"objective={objective!r}; choose one of {OBJECTIVES}.")
+    if name in seqio.TaskRegistry.names():
+        return seqio.TaskRegistry.get(name)
+    return seqio.TaskRegistry.add(
         name,
-        source=seqio.FunctionDataSource(functools.partial(_text_dataset, documents_fn=documents_fn), splits=splits),
-        output_features=_output_features(objective),
+        source=source,
+        output_features=_output_features(objective, vocabulary),
         preprocessors=[
-            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+            *extra_preprocessors,
+            functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_field}),
             functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
             *_objective_preprocessors(objective),
         ],
-        metric_fns=METRIC_FNS[objective],
+        metric_fns=_objective_metric_fns(objective),
+    )
+
+
+def add_supervised_task(
+    name: str,
+    source: seqio.DataSource,
+    *,
+    inputs_field: str,
+    targets_field: str,
+    metric_fns: Sequence[Callable] = (),
+    extra_preprocessors: Sequence[Callable[..., tf.data.Dataset]] = (),
+) -> seqio.Task:
+    """Registers an (inputs -> targets) Task, e.g. prompt -> response or sentence -> label.
+
+    Both features get EOS; seqio truncates to the task feature lengths. The pretokenized text
+    is kept (inputs_pretokenized, targets_pretokenized) for metrics that compare strings.
+    """
+    if name in seqio.TaskRegistry.names():
+        return seqio.TaskRegistry.get(name)
+    vocabulary = vocab.get_default_vocabulary()
+    return seqio.TaskRegistry.add(
+        name,
+        source=source,
+        output_features={"inputs": seqio.Feature(vocabulary, add_eos=True),
+                         "targets": seqio.Feature(vocabulary, add_eos=True)},
+        preprocessors=[
+            *extra_preprocessors,
+            functools.partial(seqio.preprocessors.rekey, key_map={"inputs": inputs_field, "targets": targets_field}),
+            seqio.preprocessors.tokenize,
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        metric_fns=list(metric_fns),
+    )
+
+
+def add_instruction_task(
+    name: str,
+    files: str | Sequence[str] | dict[str, str | Sequence[str]],
+    *,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    hash_splits: dict[str, float] | None = None,
+    metric_fns: Sequence[Callable] = (),
+) -> seqio.Task:
+    """Instruction / dialogue data: JSONL of {prompt, response}; the loss is on the response only.
+
+    Encoder-decoder models read the prompt in the encoder; decoder-only models train as a prefix
+    LM (model_type "prefix_lm", train.prefix_lm=True): the prompt is the bidirectional prefix and
+    seqio's PrefixLMFeatureConverter gives it zero loss weight.
+    """
+    source = sources_lib.file_source(files, file_format="jsonl", fields=(prompt_field, response_field),
+                                     hash_splits=hash_splits)
+    return add_supervised_task(name, source, inputs_field=prompt_field, targets_field=response_field,
+                               metric_fns=metric_fns)
+
+
+def _register_task(corpus: str, objective: str) -> None:
+    documents_fn, splits = CORPORA[corpus]
+    add_pretraining_task(
+        f"{corpus}_{objective}",
+        seqio.FunctionDataSource(functools.partial(_text_dataset, documents_fn=documents_fn), splits=splits),
+        objective=objective,
     )
 
 
@@ -113,11 +194,39 @@ def _register_mixture(objective: str) -> None:
     )
 
 
+def _register_ul2_mixtures() -> None:
+    """{corpus}_ul2: its denoisers at equal rates; t5lite_default_ul2: both corpora by size."""
+    for corpus in CORPORA:
+        if f"{corpus}_ul2" not in seqio.MixtureRegistry.names():
+            seqio.MixtureRegistry.add(f"{corpus}_ul2", [f"{corpus}_ul2_{d}" for d in preprocessors.UL2_DENOISERS],
+                                      default_rate=1.0)
+    if "t5lite_default_ul2" not in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.add("t5lite_default_ul2", [
+            (f"{corpus}_ul2", _train_characters(documents_fn, None)) for corpus, (documents_fn, _) in CORPORA.items()])
+
+
+def _register_byte_level_and_tfds_tasks() -> None:
+    """tiny Shakespeare at the byte level (as nanoGPT's character-level baselines), and C4.
+
+    c4_span_corruption reads TFDS "c4/en:3.1.0"; it works where that dataset is prepared
+    (TFDS_DATA_DIR), like T5's C4 task, and fails with TFDS's message elsewhere.
+    """
+    documents_fn, splits = CORPORA["tiny_shakespeare"]
+    source = seqio.FunctionDataSource(functools.partial(_text_dataset, documents_fn=documents_fn), splits=splits)
+    for objective in ("lm", "span_corruption"):
+        add_pretraining_task(f"tiny_shakespeare_bytes_{objective}", source, objective=objective,
+                             vocabulary=seqio.ByteVocabulary(extra_ids=vocab.DEFAULT_EXTRA_IDS))
+    add_pretraining_task("c4_span_corruption", sources_lib.tfds_source("c4/en:3.1.0"), objective="span_corruption")
+
+
 def _register_all() -> None:
     for objective in OBJECTIVES:
         for corpus in CORPORA:
             _register_task(corpus, objective)
-        _register_mixture(objective)
+        if not objective.startswith("ul2_"):
+            _register_mixture(objective)
+    _register_ul2_mixtures()
+    _register_byte_level_and_tfds_tasks()
 
 
 _register_all()

@@ -15,6 +15,7 @@ import argparse
 import functools
 import itertools
 import os
+import sys
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
@@ -110,15 +111,48 @@ def _embedded_corpus_train_texts() -> Iterable[str]:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def tokens_per_character(vocabulary: seqio.Vocabulary, texts: Sequence[str]) -> float:
+    """Tokens the vocabulary spends per character of `texts` (lower is a tighter vocabulary)."""
+    characters = sum(len(t) for t in texts)
+    if not characters:
+        raise UserError("tokens_per_character needs non-empty texts.")
+    return sum(len(vocabulary.encode(t)) for t in texts) / characters
+
+
+def _task_texts(names: Sequence[str], split: str) -> list[str]:
+    from t5lite.data import pipeline  # noqa: PLC0415  (vocab.py is imported by the task registry)
+
+    return [t for name in names for task in pipeline.list_tasks_of(name) for t in pipeline.raw_texts(task, split)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="output prefix, e.g. t5lite/data/vocab/default")
+    parser.add_argument("--task", action="append", default=[],
+                        help="train on the 'train' split of this task or mixture (repeatable); "
+                             "default: the embedded corpus")
     parser.add_argument("--vocab_size", type=int, default=8000)
-    parser.add_argument("--model_type", default="unigram")
+    parser.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
+    parser.add_argument("--character_coverage", type=float, default=1.0)
+    parser.add_argument("--no_byte_fallback", action="store_true")
+    parser.add_argument("--max_sentences", type=int, default=1_000_000)
     args = parser.parse_args(argv)
-    path = train_sentencepiece(_embedded_corpus_train_texts(), args.output, args.vocab_size, model_type=args.model_type)
-    print(f"wrote {path}")
+    try:
+        texts = _task_texts(args.task, "train") if args.task else list(_embedded_corpus_train_texts())
+        path = train_sentencepiece(texts, args.output, args.vocab_size, model_type=args.model_type,
+                                   character_coverage=args.character_coverage,
+                                   byte_fallback=not args.no_byte_fallback, max_sentences=args.max_sentences)
+        held_out = _task_texts(args.task, "validation") if args.task else list(
+            itertools.chain(embedded_corpus.tiny_shakespeare_documents("validation"),
+                            embedded_corpus.wikitext2_documents("validation")))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    vocabulary = seqio.SentencePieceVocabulary(path, extra_ids=DEFAULT_EXTRA_IDS)
+    print(f"wrote {path}: {vocabulary.vocab_size} ids with {DEFAULT_EXTRA_IDS} sentinels; "
+          f"{tokens_per_character(vocabulary, held_out):.4f} tokens per character on the validation text")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Hugging Face T5 interop: T5 v1.1 weights in a local directory <-> t5lite parameters.
+
+    config, params = load_hf_t5("path/to/t5-v1_1-small")        # config.json + model.safetensors
+    save_hf_t5(params, config, "path/to/export")                  # (or pytorch_model.bin on import)
+
+Only T5 v1.1-style models map onto t5lite: gated-GELU MLP, RMS layer norm, relative position
+bias in the first layer of each stack. Parameters are float32 numpy arrays; torch Linear
+weights are [out, in], t5lite kernels are [in, ...out], so every kernel is transposed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from t5lite.errors import UserError
+from t5lite.model.config import TransformerConfig
+
+Params = dict[str, Any]
+
+
+def config_from_hf(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
+    """TransformerConfig of a transformers T5Config dict (config.json)."""
+    if hf.get("feed_forward_proj", "relu") != "gated-gelu":
+        raise UserError(f"Only T5 v1.1 (feed_forward_proj='gated-gelu') maps onto t5lite; this config has "
+                        f"{hf.get('feed_forward_proj', 'relu')!r}.")
+    return TransformerConfig(
+        architecture="encoder_decoder", vocab_size=hf["vocab_size"], emb_dim=hf["d_model"],
+        num_heads=hf["num_heads"], head_dim=hf["d_kv"], mlp_dim=hf["d_ff"], num_encoder_layers=hf["num_layers"],
+        num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        relpos_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relpos_max_distance=hf.get("relative_attention_max_distance", 128),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout_rate=0.0, **overrides)
+
+
+def hf_config_from(config: TransformerConfig) -> dict[str, Any]:
+    if not config.is_encoder_decoder:
+        raise UserError("Only encoder-decoder t5lite models export to Hugging Face T5.")
+    return {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
+        "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
+        "d_ff": config.mlp_dim, "num_layers": config.num_encoder_layers,
+        "num_decoder_layers": config.num_decoder_layers, "num_heads": config.num_heads,
+        "relative_attention_num_buckets": config.relpos_num_buckets,
+        "relative_attention_max_distance": config.relpos_max_distance, "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": config.tie_embeddings, "dropout_rate": 0.0, "layer_norm_epsilon": 1e-6,
+        "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
+    }
+
+
+# (t5lite sub-module, HF sub-module) of the attention blocks of a layer.
+_ENCODER_ATTENTION = (("attention", "layer.0.SelfAttention"),)
+_DECODER_ATTENTION = (("self_attention", "layer.0.SelfAttention"),
+                      ("encoder_decoder_attention", "layer.1.EncDecAttention"))
+_ENCODER_NORMS = (("pre_attention_layer_norm", "layer.0.layer_norm"), ("pre_mlp_layer_norm", "layer.1.layer_norm"))
+_DECODER_NORMS = (("pre_self_attention_layer_norm", "layer.0.layer_norm"),
+                  ("pre_cross_attention_layer_norm", "layer.1.layer_norm"),
+                  ("pre_mlp_layer_norm", "layer.2.layer_norm"))
+
+
+def _layer_from_hf(hf: dict[str, np.ndarray], prefix: str, attention, norms, mlp: str, c: TransformerConfig) -> Params:
+    """One t5lite layer {module: {param: array}} from the HF tensors under `prefix`."""
+    h, d, e = c.num_heads, c.head_dim, c.emb_dim
+    layer: Params = {}
+    for ours, theirs in attention:
+        w = {n: hf[f"{prefix}.{theirs}.{n}.weight"] for n in "qkvo"}
+        layer[ours] = {"query": w["q"].T.reshape(e, h, d), "key": w["k"].T.reshape(e, h, d),
+                       "value": w["v"].T.reshape(e, h, d), "out": w["o"].T.reshape(h, d, e)}
+    for ours, theirs in norms:
+        layer[ours] = {"scale": hf[f"{prefix}.{theirs}.weight"]}
+    layer["mlp"] = {n: hf[f"{prefix}.{mlp}.DenseReluDense.{n}.weight"].T for n in ("wi_0", "wi_1", "wo")}
+    return layer
+
+
+def _layer_to_hf(layer: Params, prefix: str, attention, norms, mlp: str, c: TransformerConfig) -> dict[str, np.ndarray]:
+    h, d, e = c.num_heads, c.head_dim, c.emb_dim
+    out = {}
+    for ours, theirs in attention:
+        a = layer[ours]
+        for name, key in (("q", "query"), ("k", "key"), ("v", "value")):
+            out[f"{prefix}.{theirs}.{name}.weight"] = np.asarray(a[key]).reshape(e, h * d).T
+        out[f"{prefix}.{theirs}.o.weight"] = np.asarray(a["out"]).reshape(h * d, e).T
+    for ours, theirs in norms:
+        out[f"{prefix}.{theirs}.weight"] = np.asarray(layer[ours]["scale"])
+    for n in ("wi_0", "wi_1", "wo"):
+        out[f"{prefix}.{mlp}.DenseReluDense.{n}.weight"] = np.asarray(layer["mlp"][n]).T
+    return out
+
+
+def _stack(layers: list[Params], scan: bool) -> Params:
+    if scan:
+        import jax  # noqa: PLC0415
+
+        return {"layers": jax.tree_util.tree_map(lambda *xs: np.stack(xs), *layers)}
+    return {f"layers_{i}": layer for i, layer in enumerate(layers)}
+
+
+def _unstack(stack: Params, num_layers: int, scan: bool) -> list[Params]:
+    if scan:
+        import jax  # noqa: PLC0415
+
+        return [jax.tree_util.tree_map(lambda x, i=i: np.asarray(x)[i], stack["layers"]) for i in range(num_layers)]
+    return [stack[f"layers_{i}"] for i in range(num_layers)]
+
+
+def params_from_hf(hf: dict[str, np.ndarray], config: TransformerConfig) -> Params:
+    """t5lite params (nested dicts of float32 numpy) from a HF T5 state dict of numpy arrays."""
+    hf = {k: np.asarray(v, np.float32) for k, v in hf.items()}
+    enc = [_layer_from_hf(hf, f"encoder.block.{i}", _ENCODER_ATTENTION, _ENCODER_NORMS, "layer.1", config)
+           for i in range(config.num_encoder_layers)]
+    dec = [_layer_from_hf(hf, f"decoder.block.{i}", _DECODER_ATTENTION, _DECODER_NORMS, "layer.2", config)
+           for i in range(config.num_decoder_layers)]
+    bias = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    params = {
+        "token_embedder": {"embedding": hf["shared.weight"]},
+        "encoder": {**_stack(enc, config.scan_layers), "encoder_norm": {"scale": hf["encoder.final_layer_norm.weight"]},
+                    "relpos_bias": {"rel_embedding": hf[f"encoder.{bias}"].T}},
+        "decoder": {**_stack(dec, config.scan_layers), "decoder_norm": {"scale": hf["decoder.final_layer_norm.weight"]},
+                    "relpos_bias": {"rel_embedding": hf[f"decoder.{bias}"].T}},
+    }
+    if not config.tie_embeddings:
+        params["decoder"]["logits_dense"] = hf["lm_head.weight"].T
+    return params
+
+
+def params_to_hf(params: Params, config: TransformerConfig) -> dict[str, np.ndarray]:
+    """A HF T5 state dict (numpy float32, contiguous) from t5lite params."""
+    out = {"shared.weight": np.asarray(params["token_embedder"]["embedding"])}
+    for stack, n, attention, norms, mlp in (
+        ("encoder", config.num_encoder_layers, _ENCODER_ATTENTION, _ENCODER_NORMS, "layer.1"),
+        ("decoder", config.num_decoder_layers, _DECODER_ATTENTION, _DECODER_NORMS, "layer.2"),
+    ):
+        for i, layer in enumerate(_unstack(params[stack], n, config.scan_layers)):
+            out.update(_layer_to_hf(layer, f"{stack}.block.{i}", attention, norms, mlp, config))
+        out[f"{stack}.final_layer_norm.weight"] = np.asarray(params[stack][f"{stack}_norm"]["scale"])
+        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = np.asarray(
+            params[stack]["relpos_bias"]["rel_embedding"]).T
+    out["lm_head.weight"] = (out["shared.weight"] if config.tie_embeddings
+                             else np.asarray(params["decoder"]["logits_dense"]).T)
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def load_hf_t5(directory: str, **config_overrides: Any) -> tuple[TransformerConfig, Params]:
+    """(config, params) from a local HF T5 directory: config.json + model.safetensors or pytorch_model.bin."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise UserError(f"{directory} has no config.json: is it a Hugging Face T5 model directory?")
+    with open(config_path) as f:
+        config = config_from_hf(json.load(f), **config_overrides)
+    safetensors_path = os.path.join(directory, "model.safetensors")
+    torch_path = os.path.join(directory, "pytorch_model.bin")
+    if os.path.exists(safetensors_path):
+        from safetensors.numpy import load_file  # noqa: PLC0415
+
+        state = load_file(safetensors_path)
+    elif os.path.exists(torch_path):
+        try:
+            import torch  # noqa: PLC0415
+        except ImportError as e:
+            raise UserError(f"{torch_path} needs PyTorch to read; install torch or convert it to safetensors.") from e
+        state = {k: v.float().numpy() for k, v in torch.load(torch_path, map_location="cpu").items()}
+    else:
+        raise UserError(f"{directory} has neither model.safetensors nor pytorch_model.bin.")
+    try:
+        return config, params_from_hf(state, config)
+    except KeyError as e:
+        raise UserError(f"{directory} lacks the tensor {e} that a T5 v1.1 model with this config has.") from e
+
+
+def save_hf_t5(params: Params, config: TransformerConfig, directory: str) -> None:
+    """Writes config.json and model.safetensors that transformers' from_pretrained reads."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config_from(config), f, indent=2)
+    tensors = params_to_hf(params, config)
+    # transformers ties these to shared.weight; store them too so any loader finds them.
+    tensors["encoder.embed_tokens.weight"] = tensors["decoder.embed_tokens.weight"] = tensors["shared.weight"]
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))

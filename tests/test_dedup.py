@@ -1,0 +1,91 @@
+"""Deduplication and contamination: exact, near-duplicate (MinHash LSH), n-gram overlap, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from t5lite.data import dedup
+
+WORDS = ("the quick brown fox jumps over the lazy dog while seven bright stars rise above a quiet "
+         "harbour where old sailors mend their nets and sing of distant islands lost beneath the waves").split()
+
+
+def _text(seed: int, n: int = 120) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, n))
+
+
+def test_exact_duplicates_ignore_case_and_whitespace_and_keep_the_first():
+    docs = ["Hello  World.", "something else", "hello world.", "HELLO\tWORLD."]
+    np.testing.assert_array_equal(dedup.exact_duplicate_mask(docs), [False, False, True, True])
+
+
+def test_minhash_estimates_jaccard_similarity():
+    a_words = [f"w{i}" for i in range(300)]
+    b_words = [f"w{i}" for i in range(60, 360)]  # 1-word shingles: Jaccard 240 / 360 = 2/3
+    hasher = dedup.MinHasher(num_permutations=256, shingle_words=1)
+    estimate = np.mean(hasher.signature(" ".join(a_words)) == hasher.signature(" ".join(b_words)))
+    assert abs(estimate - 2 / 3) < 0.08
+
+
+def test_near_duplicates_are_found_and_distinct_texts_are_kept():
+    base = _text(0)
+    words = base.split()
+    words[50] = "CHANGED"  # one word of 120: 5-word shingle Jaccard ~ 0.92
+    docs = [base, _text(1), " ".join(words), _text(2)]
+    np.testing.assert_array_equal(dedup.near_duplicate_mask(docs, threshold=0.8), [False, False, True, False])
+
+
+def test_deduplicate_report_counts_what_it_removed():
+    base = _text(3)
+    docs = [base, base.upper(), _text(4), base.replace("fox", "cat", 1)]
+    kept, report = dedup.deduplicate(docs, mode="near", threshold=0.8)
+    assert kept == [base, _text(4)]
+    assert report["exact_duplicates"] == 1 and report["near_duplicates"] == 1
+    assert report["documents"] == 4 and report["kept"] == 2 and report["percent_removed"] == 50.0
+
+
+def test_contamination_counts_examples_and_ngrams():
+    train = [_text(10, 200)]
+    train_ngrams = dedup.training_ngram_set(train, n=13)
+    copied = " ".join(train[0].split()[20:60])  # 40 words copied: all 28 of its 13-grams overlap
+    unrelated = " ".join(f"x{i}" for i in range(40))
+    report = dedup.contamination("eval", [copied, unrelated], train_ngrams, n=13)
+    assert (report.examples, report.contaminated_examples) == (2, 1)
+    assert (report.ngrams, report.overlapping_ngrams) == (56, 28)
+    assert report.percent_examples == 50.0 and report.percent_ngrams == 50.0
+
+
+def test_shipped_tiny_shakespeare_validation_is_mostly_not_in_train():
+    from t5lite.data import pipeline
+
+    train_ngrams = dedup.training_ngram_set(pipeline.raw_texts("tiny_shakespeare_lm", "train"))
+    report = dedup.contamination("val", pipeline.raw_texts("tiny_shakespeare_lm", "validation"), train_ngrams)
+    assert report.examples > 100
+    assert report.percent_ngrams < 5.0  # distinct plays; a few repeated stock lines at most
+
+
+def test_cli_writes_deduplicated_corpus_and_report(tmp_path):
+    src = tmp_path / "corpus.txt"
+    src.write_text("a first line here\nA  first line HERE\nsomething different\n")
+    out, report = tmp_path / "out.txt", tmp_path / "report.json"
+    assert dedup.main([f"--input={src}", f"--output={out}", f"--report={report}"]) == 0
+    assert out.read_text() == "a first line here\nsomething different\n"
+    assert json.loads(report.read_text())["exact_duplicates"] == 1
+
+
+def test_cli_names_a_missing_input_file(tmp_path, capsys):
+    assert dedup.main([f"--input={tmp_path}/nope.txt", f"--output={tmp_path}/out.txt"]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("separator", ["line", "blank_line"])
+def test_read_documents_handles_gzip_and_blocks(tmp_path, separator):
+    import gzip
+
+    path = tmp_path / "docs.txt.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("one\ntwo\n\nthree\n")
+    docs = list(dedup.read_documents(str(path), separator=separator))
+    assert docs == (["one", "two", "three"] if separator == "line" else ["one\ntwo", "three"])
