@@ -65,7 +65,7 @@ class CheckpointEvaluator:
             model_type=data_model_type(self.config, prefix_lm), batch_size=batch_size)
         init = trainer.make_sharded_init(self.model, make_optimizer().tx,
                                          self.model.input_shapes(batch_size, task_feature_lengths), self.mesh, rules)
-        self.abstract_state = init.abstract_state  # restore target: the whole train state (params are used)
+        self.abstract_params = init.abstract_state.params  # restore target (shapes and shardings)
         self.eval_step = jax.jit(_with_rules(trainer.make_eval_step(self.model, trainer.LossConfig()), rules),
                                  in_shardings=(init.state_shardings.params, partitioning.batch_sharding(self.mesh)))
         self.output_dir = output_dir
@@ -76,7 +76,7 @@ class CheckpointEvaluator:
 
     def evaluate(self, checkpoints_dir: str, step: int) -> dict[str, dict[str, float]]:
         """Restores `step`, evaluates every task, writes JSON + TensorBoard; -> task -> metric -> value."""
-        params = evaluation.restore_params(checkpoints_dir, step, self.abstract_state)
+        params = evaluation.restore_params(checkpoints_dir, step, self.abstract_params)
         t0 = time.perf_counter()
         with self.mesh:
             loss = teacher_forced_evaluate(self.eval_step, params, self.loss_batches, self.mesh)

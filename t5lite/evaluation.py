@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import seqio
 import tensorflow as tf
 
@@ -43,21 +44,27 @@ def resolve_checkpoint_path(path: str) -> tuple[str, int | None]:
 
 
 def checkpoint_steps(checkpoints_dir: str) -> list[int]:
-    """Finished checkpoints in a directory (read afresh: a running training adds new ones)."""
-    ckpt = checkpoints.Checkpointer(checkpoints_dir, save_every=1, keep=None)
-    try:
-        return sorted(ckpt.all_steps())
-    finally:
-        ckpt.close()
+    """Finished checkpoints in a directory, read afresh and read-only: a Checkpointer here would
+    clean up (delete) the save a running training has in flight."""
+    return sorted(ocp.path.step.checkpoint_steps(checkpoints_dir))
 
 
-def restore_params(checkpoints_dir: str, step: int, abstract_state: Any) -> Any:
-    """The params of checkpoint `step` (abstract_state: the train state it was saved from)."""
-    ckpt = checkpoints.Checkpointer(checkpoints_dir, save_every=1, keep=None)
+def restore_params(checkpoints_dir: str, step: int, abstract_params: Any) -> Any:
+    """The params of checkpoint `step`, read-only (see checkpoint_steps), placed on the shardings of
+    `abstract_params` (ShapeDtypeStructs of the configured model's params)."""
+    path = os.path.join(checkpoints_dir, str(step))
+    params = checkpoints.read_params(path)
+    expected = jax.tree_util.tree_map(lambda a: tuple(a.shape), abstract_params)
     try:
-        return ckpt.restore(step, abstract_state).params
-    finally:
-        ckpt.close()
+        found = jax.tree_util.tree_map(lambda x: tuple(x.shape), params)
+    except Exception:  # noqa: BLE001  (any unreadable leaf is a mismatch to report)
+        found = None
+    if found != expected:
+        raise UserError(f"Checkpoint {path} cannot be restored into the configured model: its parameters "
+                        "differ in names or shapes (another model or vocabulary size). Use the gin files "
+                        "the checkpoint was trained with.")
+    return jax.tree_util.tree_map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params,
+                                  abstract_params)
 
 
 def eval_feature_converter(model: Model, has_inputs: bool) -> seqio.FeatureConverter:

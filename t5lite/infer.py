@@ -197,7 +197,7 @@ def infer(
     mesh = partitioning.make_mesh()
     init = trainer.make_sharded_init(model, make_optimizer().tx, model.input_shapes(batch_size, lengths), mesh,
                                      partitioning.axis_rules(partitioning_preset))
-    params = evaluation.restore_params(checkpoints_dir, step, init.abstract_state)
+    params = evaluation.restore_params(checkpoints_dir, step, init.abstract_state.params)
     if mode == "predict":
         config = dataclasses.replace(DecodeConfig(), max_decode_length=lengths["targets"])
         run = jax.jit(functools.partial(model.predict_batch, config=config))
