@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from t5lite import checkpoints, gin_cli, partitioning, preemption, trainer
+from t5lite import checkpoints, evaluation, gin_cli, partitioning, preemption, trainer
 from t5lite.data import pipeline  # registers the tasks and their gin configurables before parsing
 from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
@@ -147,6 +147,11 @@ def train(
     initial_checkpoint_rename: Mapping[str, str] = {},  # noqa: B006
     on_nonfinite: str = "skip",
     write_host_records: bool = False,
+    infer_eval_every: int = 0,
+    infer_eval_examples: int = 32,
+    early_stopping_metric: str | None = None,
+    early_stopping_patience: int = 3,
+    early_stopping_mode: str = "min",
 ) -> TrainResult:
     """Trains for `num_train_steps` (resuming from MODEL_DIR's latest checkpoint); returns the final eval.
 
@@ -154,6 +159,11 @@ def train(
     `eval_batches` batches of `eval_split` of each task of the eval mixture (default: the train
     mixture). write_host_records (debugging multi-host runs): every process appends its view of each
     step, {"step", "loss", "rows": hashes of the batch rows it read}, to MODEL_DIR/host-<process>.jsonl.
+    Every `infer_eval_every` steps (0: never) the first `infer_eval_examples` examples
+    of each eval task with seqio metric functions are decoded / scored (t5lite.evaluation).
+    early_stopping_metric ("task/metric", e.g. "wikitext2_span_corruption/loss"; the teacher-forced
+    "accuracy" is named "token_accuracy" there, see evaluation.merge_results) stops training, with
+    a checkpoint, after `early_stopping_patience` evaluations without improvement (mode "min"/"max").
 
     State: the latest checkpoint in MODEL_DIR/checkpoints if there is one (exact resume), else a
     fresh initialisation whose params are replaced by those of `initial_checkpoint_path` (a
@@ -236,6 +246,12 @@ def train(
                         in_shardings=(init.state_shardings.params, partitioning.batch_sharding(mesh)))
 
     writer = MetricsWriter(model_dir, enabled=is_chief)
+    monitor = evaluation.TrainingMonitor(
+        model, eval_mixture_or_task_name or mixture_or_task_name, eval_tasks, split=eval_split,
+        task_feature_lengths=task_feature_lengths, batch_size=batch_size // jax.process_count(),
+        infer_eval_every=infer_eval_every, infer_eval_examples=infer_eval_examples, write_metrics=writer.write,
+        early_stopping=evaluation.EarlyStopping(early_stopping_metric, early_stopping_patience, early_stopping_mode)
+        if early_stopping_metric else None, verbose=is_chief)
     if is_chief:
         with open(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())  # every binding as parsed (files + --gin. flags)
@@ -299,6 +315,9 @@ def train(
                               f"perplexity {m['perplexity']:.2f}  ({format_duration(time.perf_counter() - t_eval)})",
                               flush=True)
                 t_interval = time.perf_counter()  # keep eval time out of the training rates
+            if not stop:  # inference eval when due; early stopping ends the run like a stop request
+                stop = monitor.after_step(done, state.params, eval_results if evaluated else None)
+                t_interval += monitor.last_seconds  # keep inference eval time out of the training rates
 
             ckpt.save(done, state, train_batches, force=stop or done == num_train_steps,
                       metrics=_mean_over_tasks(eval_results) if evaluated else None)

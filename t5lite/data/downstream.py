@@ -26,7 +26,7 @@ import gin
 import seqio
 import tensorflow as tf
 
-from t5lite.data import sources, tasks
+from t5lite.data import metrics, sources, tasks
 from t5lite.errors import UserError
 
 DATA_DIR_ENV = "T5LITE_DATA_DIR"
@@ -102,13 +102,14 @@ def _records_source(records_fn, splits: tuple[str, ...]) -> seqio.FunctionDataSo
 
 
 def register_downstream_tasks() -> None:
-    for name, records_fn, splits in (
-        ("sst2", _sst2_records, ("train", "validation")),
-        ("multi30k_en_de", _multi30k_records, ("train", "validation", "test")),
-        ("squad_v1_1", _squad_records, tuple(SQUAD_SPLITS)),
+    for name, records_fn, splits, metric_fns in (
+        ("sst2", _sst2_records, ("train", "validation"), [metrics.accuracy]),
+        ("multi30k_en_de", _multi30k_records, ("train", "validation", "test"), [metrics.bleu]),
+        # SQuAD's metric needs every reference answer per example: not wired yet.
+        ("squad_v1_1", _squad_records, tuple(SQUAD_SPLITS), []),
     ):
         tasks.add_supervised_task(name, _records_source(records_fn, splits), inputs_field="inputs",
-                                  targets_field="targets")
+                                  targets_field="targets", metric_fns=metric_fns)
 
 
 register_downstream_tasks()

@@ -9,6 +9,8 @@ Mixtures, "t5lite_default_{objective}": both corpora, each sampled in proportion
 train split's size in characters (WikiText-2 ~10x tiny Shakespeare).
 
 Preprocessing: {"text"} -> rekey to "targets" -> tokenize -> objective (preprocessors.py).
+Metrics (python -m t5lite.eval, train.infer_eval_every): lm and prefix_lm score targets (bits
+per byte); span corruption and UL2 decode the targets (accuracy = exact match of all of them).
 Documents are tiny Shakespeare speeches and WikiText-2 articles (embedded_corpus.py).
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Callable, Sequence
 import seqio
 import tensorflow as tf
 
-from t5lite.data import embedded_corpus, preprocessors, vocab
+from t5lite.data import embedded_corpus, metrics, preprocessors, vocab
 from t5lite.data import sources as sources_lib
 from t5lite.errors import UserError
 
@@ -79,6 +81,10 @@ def _objective_preprocessors(objective: str) -> list[Callable[..., tf.data.Datas
     return [preprocessors.prefix_lm]
 
 
+def _objective_metric_fns(objective: str) -> list[Callable[..., dict[str, float]]]:
+    return [metrics.bits_per_byte] if objective in ("lm", "prefix_lm") else [metrics.accuracy]
+
+
 def add_pretraining_task(
     name: str,
     source: seqio.DataSource,
@@ -109,7 +115,7 @@ def add_pretraining_task(
             functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
             *_objective_preprocessors(objective),
         ],
-        metric_fns=[],
+        metric_fns=_objective_metric_fns(objective),
     )
 
 

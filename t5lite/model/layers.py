@@ -78,15 +78,28 @@ class MultiHeadAttention(nn.Module):
 
     `bias` [batch|1, heads|1, q_len, k_len] (float32) carries both the relative position bias and
     the mask (MASK_VALUE where not allowed); it is built once per stack by the caller.
+
+    With `decode=True` keys and values live in the flax "cache" collection, [batch, k_len, heads,
+    kv] each. The first call (an init with the full decode length) only creates the cache.
+      self-attention (`cache_index` given): the q_len new positions' keys/values are written at
+        cache_index..cache_index+q_len-1 and the queries attend over the whole cache (k_len =
+        cache length; the caller's bias masks the future).
+      cross-attention (`cache_index` None): keys/values of `inputs_kv` (the encoder output) are
+        computed and cached when it is given; a call with inputs_kv=None reuses them, so they
+        are computed once per sequence, not at every step.
     """
 
     num_heads: int
     head_dim: int
     dtype: jnp.dtype = jnp.float32
     dropout_rate: float = 0.0
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, inputs_q: Array, inputs_kv: Array | None, bias: Array, deterministic: bool,
+        cache_index: Array | None = None,
+    ) -> Array:
         emb = inputs_q.shape[-1]
         h, d = self.num_heads, self.head_dim
         fan_in_emb = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2))
@@ -100,11 +113,19 @@ class MultiHeadAttention(nn.Module):
 
         dt = self.dtype
         q = jnp.einsum("bqe,ehd->bqhd", inputs_q.astype(dt), wq.astype(dt))
-        k = jnp.einsum("bke,ehd->bkhd", inputs_kv.astype(dt), wk.astype(dt))
-        v = jnp.einsum("bke,ehd->bkhd", inputs_kv.astype(dt), wv.astype(dt))
         q = constrain(q, ("batch", "length", "heads", "kv"))
-        k = constrain(k, ("batch", "length", "heads", "kv"))
-        v = constrain(v, ("batch", "length", "heads", "kv"))
+
+        def project_kv(x: Array) -> tuple[Array, Array]:
+            k = jnp.einsum("bke,ehd->bkhd", x.astype(dt), wk.astype(dt))
+            v = jnp.einsum("bke,ehd->bkhd", x.astype(dt), wv.astype(dt))
+            return constrain(k, ("batch", "length", "heads", "kv")), constrain(v, ("batch", "length", "heads", "kv"))
+
+        if not self.decode:
+            k, v = project_kv(inputs_kv)
+        elif cache_index is not None:
+            k, v = self._append_to_cache(*project_kv(inputs_kv), cache_index)
+        else:
+            k, v = self._cached_encoder_kv(inputs_kv, project_kv)
 
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
         weights = jax.nn.softmax(logits, axis=-1).astype(dt)
@@ -113,6 +134,31 @@ class MultiHeadAttention(nn.Module):
         context = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         out = jnp.einsum("bqhd,hde->bqe", context, wo.astype(dt))
         return constrain(out, ("batch", "length", "embed"))
+
+    def _append_to_cache(self, k: Array, v: Array, cache_index: Array) -> tuple[Array, Array]:
+        """Writes k, v [batch, q_len, heads, kv] at cache_index; -> the whole cache [batch, k_len, ...]."""
+        is_initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        if not is_initialized:  # the init call only sizes the cache
+            return k, v
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, v.astype(cached_value.value.dtype), start)
+        return cached_key.value, cached_value.value
+
+    def _cached_encoder_kv(
+        self, encoded: Array | None, project_kv: Callable[[Array], tuple[Array, Array]]
+    ) -> tuple[Array, Array]:
+        """Cross-attention keys/values: computed from `encoded` and cached, or read from the cache."""
+        if encoded is None:
+            return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+        k, v = project_kv(encoded)
+        self.put_variable("cache", "cached_key", k)
+        self.put_variable("cache", "cached_value", v)
+        return k, v
 
 
 class GatedMlp(nn.Module):
@@ -176,19 +222,25 @@ class RelativePositionBias(nn.Module):
     max_distance: int = 128
 
     @nn.compact
-    def __call__(self, q_len: int, k_len: int, q_offset: int = 0) -> Array:
+    def __call__(self, q_len: int, k_len: int, q_offset: int | Array = 0) -> Array:
         """-> [1, heads, q_len, k_len] float32 bias for queries at positions q_offset + arange(q_len).
 
         Positions are those inside a packed segment: tokens of a segment are contiguous, so
         relative positions within a segment equal arange differences and one table serves all
-        examples; cross-segment pairs are masked by the caller.
+        examples; cross-segment pairs are masked by the caller. A traced q_offset (a decode step)
+        needs q_offset + q_len <= k_len.
         """
-        q_pos = np.arange(q_len, dtype=np.int32)[:, None] + q_offset
         k_pos = np.arange(k_len, dtype=np.int32)[None, :]
+        if isinstance(q_offset, int):
+            q_pos = np.arange(q_len, dtype=np.int32)[:, None] + q_offset
+        else:  # bucket every query position of the cache, then slice the rows of this step
+            q_pos = np.arange(k_len, dtype=np.int32)[:, None]
         buckets = relative_position_bucket(
             k_pos - q_pos, bidirectional=self.bidirectional,
             num_buckets=self.num_buckets, max_distance=self.max_distance,
         )
+        if not isinstance(q_offset, int):
+            buckets = jax.lax.dynamic_slice_in_dim(jnp.asarray(buckets), q_offset, q_len, axis=0)
         table = logical_param(
             self, "rel_embedding",
             nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
@@ -215,3 +267,10 @@ def attention_mask_bias(
             visible = visible | (prefix[:, :, None] & prefix[:, None, :])
         allowed = allowed & visible
     return jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]
+
+
+def decode_mask_bias(q_len: int, cache_length: int, cache_index: Array) -> Array:
+    """Causal mask [1, 1, q_len, cache_length] for queries at cache_index + arange(q_len) (float32)."""
+    q_pos = cache_index + jnp.arange(q_len)[:, None]
+    visible = jnp.arange(cache_length)[None, :] <= q_pos
+    return jnp.where(visible, 0.0, MASK_VALUE).astype(jnp.float32)[None, None]

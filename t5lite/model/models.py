@@ -1,4 +1,4 @@
-"""Model wrapper: maps seqio feature-converter batches to the network, and computes the loss.
+"""Model wrapper: maps seqio feature-converter batches to the network: loss, predict and score.
 
 Loss functions return SUMS over tokens (and the number of real target tokens); the trainer
 divides by the real-token count of the global batch, so N microbatches of gradient
@@ -7,12 +7,14 @@ accumulation give exactly the one-big-batch loss and gradient.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t5lite.model import decoding
 from t5lite.model.config import TransformerConfig
 from t5lite.model.network import build_network
 
@@ -90,12 +92,28 @@ def _segment_ids(batch: Batch, prefix: str) -> Array:
     return (tokens > 0).astype(jnp.int32)
 
 
+def unstack_layers(params):
+    """Scanned params ({"layers": leaves [layers, ...]}) -> unrolled ({"layers_0": ..., ...})."""
+    if not isinstance(params, Mapping):
+        return params
+    out = {k: unstack_layers(v) for k, v in params.items() if k != "layers"}
+    if "layers" in params:
+        num_layers = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+        for i in range(num_layers):
+            out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
 class Model:
-    """A network plus what training needs from it: init from batch shapes and loss sums."""
+    """A network plus what training and evaluation need from it: init, loss sums, predict, score."""
 
     def __init__(self, config: TransformerConfig):
         self.config = config
         self.module: nn.Module = build_network(config)
+        # Decoding runs the layers unrolled: a scanned stack would copy every layer's cache slice
+        # in and out of the scan at each step. Same parameters, split per layer (unstack_layers).
+        self.decode_module: nn.Module = build_network(
+            dataclasses.replace(config, scan_layers=False, remat_policy="none"))
 
     def input_shapes(self, batch_size: int, feature_lengths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         """Shapes of the model's features for given task feature lengths ("inputs"/"targets")."""
@@ -150,3 +168,85 @@ class Model:
             logits, batch["decoder_target_tokens"], weights,
             label_smoothing=label_smoothing, z_loss=z_loss,
         )
+
+    def score_batch(self, params, batch: Batch) -> Array:
+        """Log-likelihood of each row's targets [batch] (float32): sum of log p(target token).
+
+        Rows are single examples (an unpacked batch); decoder_loss_weights (default: target not
+        padding) select the scored tokens, so a prefix-LM row scores its targets, not its prompt.
+        """
+        logits = self.logits(params, batch)
+        weights = batch.get("decoder_loss_weights")
+        if weights is None:
+            weights = batch["decoder_target_tokens"] > 0
+        _, _, nll = cross_entropy_with_z_loss(logits, batch["decoder_target_tokens"])
+        return -jnp.sum(nll * weights.astype(jnp.float32), axis=1)
+
+    def predict_batch(
+        self, params, batch: Batch, config: decoding.DecodeConfig, rng: Array | None = None
+    ) -> tuple[Array, Array]:
+        """Decodes each row: -> (tokens [batch, config.max_decode_length] int32, scores [batch]).
+
+        Encoder-decoder: conditions on encoder_input_tokens. Decoder-only: the prompt is the part
+        of decoder_input_tokens marked by decoder_causal_attention (seqio's prefix-LM features;
+        attended causally here), or just BOS without it; tokens are the continuation after it.
+        Generated tokens end with EOS (then zeros). Scores: see decoding.decode.
+        """
+        if self.config.is_encoder_decoder:
+            encoder_tokens = batch["encoder_input_tokens"]
+            batch_size = encoder_tokens.shape[0]
+            prompt = jnp.zeros((batch_size, 1), jnp.int32)  # BOS
+            prompt_lengths = jnp.ones((batch_size,), jnp.int32)
+        else:
+            tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
+            batch_size = tokens.shape[0]
+            if "decoder_causal_attention" in batch:
+                prompt_mask = jnp.asarray(batch["decoder_causal_attention"], jnp.int32)
+                prompt, prompt_lengths = tokens * prompt_mask, jnp.sum(prompt_mask, axis=1)
+            else:
+                prompt = jnp.zeros((batch_size, 1), jnp.int32)
+                prompt_lengths = jnp.ones((batch_size,), jnp.int32)
+        sequences = jnp.concatenate([prompt, jnp.zeros((batch_size, config.max_decode_length), jnp.int32)], axis=1)
+        length = sequences.shape[1]
+        module = self.decode_module
+        if self.config.scan_layers:
+            params = unstack_layers(params)
+
+        if self.config.is_encoder_decoder:
+            encoder_segment_ids = (encoder_tokens > 0).astype(jnp.int32)
+            encoded = module.apply({"params": params}, encoder_tokens, encoder_segment_ids, method="encode")
+            step_segment_ids = jnp.repeat(encoder_segment_ids, config.beams, axis=0)
+
+            def run(cache, tokens, index, segment_ids, encoded=None):
+                return module.apply({"params": params, "cache": cache}, tokens, segment_ids, index, length,
+                                         encoded, method="decode", mutable=["cache"])
+
+            cache = self._zero_cache(run, batch_size, length, encoder_segment_ids, encoded)
+            prefill = lambda c, t: run(c, t, 0, encoder_segment_ids, encoded)[1]["cache"]  # noqa: E731
+            step_args = (step_segment_ids,)
+        else:
+            def run(cache, tokens, index):
+                return module.apply({"params": params, "cache": cache}, tokens, index, length,
+                                         method="decode", mutable=["cache"])
+
+            cache = self._zero_cache(run, batch_size, length)
+            prefill = lambda c, t: run(c, t, 0)[1]["cache"]  # noqa: E731
+            step_args = ()
+
+        def step(cache, tokens, index):
+            logits, variables = run(cache, tokens, index, *step_args)
+            return logits[:, -1], variables["cache"]
+
+        sequences, scores = decoding.decode(prefill, step, cache, sequences, prompt_lengths, config, rng)
+        # The continuation after each row's prompt, aligned at column 0.
+        positions = prompt_lengths[:, None] + jnp.arange(config.max_decode_length)[None]
+        return jnp.take_along_axis(sequences, positions, axis=1), scores
+
+    @staticmethod
+    def _zero_cache(run, batch_size: int, length: int, *run_args) -> dict:
+        """An all-zero attention cache for `length` positions (shapes from an abstract init call)."""
+        def init(tokens):
+            return run({}, tokens, jnp.zeros((), jnp.int32), *run_args)[1]["cache"]
+
+        shapes = jax.eval_shape(init, jax.ShapeDtypeStruct((batch_size, length), jnp.int32))
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

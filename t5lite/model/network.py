@@ -3,6 +3,10 @@
 Per stack, one relative-position bias table and one combined [batch, heads, q, k] bias (position
 bias + segment/causal mask) are built once and broadcast to every layer. Layers are stacked with
 nn.scan (parameters get a leading "layers" axis) unless `scan_layers=False`.
+
+Decoding (`decode_index` given to the Decoder) keeps attention keys/values in the flax "cache"
+collection; under nn.scan its leaves are [batch, layers, ...] (batch first, so decoding code can
+repeat and reorder sequences without knowing the layout).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from t5lite.model.layers import (
     RMSNorm,
     attention_mask_bias,
     constrain,
+    decode_mask_bias,
     logical_param,
 )
 
@@ -57,25 +62,32 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Self-attention, then cross-attention when `encoded` is given, then the MLP."""
+    """Self-attention, then cross-attention (encoder-decoder), then the MLP.
+
+    decode: keys/values go through the attention cache (see MultiHeadAttention); `cache_index`
+    is the position of the first input token, and `encoded` may be None to reuse the cached
+    cross-attention keys/values.
+    """
 
     config: TransformerConfig
     deterministic: bool
+    decode: bool = False
 
     @nn.compact
     def __call__(
-        self, x: Array, self_bias: Array, encoded: Array | None, cross_bias: Array | None
+        self, x: Array, self_bias: Array, encoded: Array | None, cross_bias: Array | None,
+        cache_index: Array | None = None,
     ) -> tuple[Array, None]:
         cfg, dt = self.config, self.config.compute_dtype
         h = RMSNorm(dtype=dt, name="pre_self_attention_layer_norm")(x)
-        h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, name="self_attention")(
-            h, h, self_bias, self.deterministic
-        )
+        h = MultiHeadAttention(
+            cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, self.decode, name="self_attention"
+        )(h, h, self_bias, self.deterministic, cache_index)
         x = x + _dropout(cfg, h, self.deterministic)
-        if encoded is not None:
+        if cfg.is_encoder_decoder:
             h = RMSNorm(dtype=dt, name="pre_cross_attention_layer_norm")(x)
             h = MultiHeadAttention(
-                cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, name="encoder_decoder_attention"
+                cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, self.decode, name="encoder_decoder_attention"
             )(h, encoded, cross_bias, self.deterministic)
             x = x + _dropout(cfg, h, self.deterministic)
         h = RMSNorm(dtype=dt, name="pre_mlp_layer_norm")(x)
@@ -86,12 +98,13 @@ class DecoderLayer(nn.Module):
 
 def run_layers(
     layer_cls: type[nn.Module], cfg: TransformerConfig, num_layers: int, deterministic: bool,
-    x: Array, *broadcast_args,
+    x: Array, *broadcast_args, **layer_attributes,
 ) -> Array:
     """Applies `num_layers` copies of `layer_cls` (scanned or unrolled, optionally rematted).
 
     Must be called from inside a compact method: the layers become submodules "layers"
-    (scanned, params [layers, ...]) or "layers_0".."layers_{n-1}" (unrolled).
+    (scanned, params [layers, ...], cache [batch, layers, ...]) or "layers_0".."layers_{n-1}"
+    (unrolled). `layer_attributes` are extra module attributes of every layer (e.g. decode).
     """
     if cfg.remat_policy != "none":
         # prevent_cse is unneeded (and slower) inside scan, which already blocks CSE.
@@ -100,16 +113,16 @@ def run_layers(
     if cfg.scan_layers:
         stack = nn.scan(
             layer_cls,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "cache": 1},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(broadcast_args),
             length=num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic, name="layers")
+        )(cfg, deterministic, name="layers", **layer_attributes)
         x, _ = stack(x, *broadcast_args)
         return x
     for i in range(num_layers):
-        x, _ = layer_cls(cfg, deterministic, name=f"layers_{i}")(x, *broadcast_args)
+        x, _ = layer_cls(cfg, deterministic, name=f"layers_{i}", **layer_attributes)(x, *broadcast_args)
     return x
 
 
@@ -144,29 +157,42 @@ class Decoder(nn.Module):
     def __call__(
         self,
         tokens: Array,
-        segment_ids: Array,
+        segment_ids: Array | None,
         deterministic: bool,
         encoded: Array | None = None,
         encoder_segment_ids: Array | None = None,
         causal_attention: Array | None = None,
+        decode_index: Array | None = None,
+        decode_length: int | None = None,
     ) -> Array:
         """tokens, segment_ids [batch, length] -> logits [batch, length, vocab] (float32).
 
         causal_attention [batch, length]: 1 on prefix-LM inputs (bidirectional among themselves).
+        Decoding (decode_index, an int32 scalar, given): `tokens` sit at positions decode_index +
+        arange(length) of a cache of decode_length positions; segment_ids are unused, and
+        `encoded` may be None after the first call (cached cross-attention keys/values).
         """
         cfg = self.config
         x = _dropout(cfg, self.embedder(tokens), deterministic)
         x = constrain(x, ("batch", "length", "embed"))
         length = tokens.shape[1]
-        relpos = RelativePositionBias(
+        relpos_bias = RelativePositionBias(
             cfg.num_heads, bidirectional=False, num_buckets=cfg.relpos_num_buckets,
             max_distance=cfg.relpos_max_distance, name="relpos_bias",
-        )(length, length)
-        self_bias = relpos + attention_mask_bias(segment_ids, segment_ids, causal=True, prefix=causal_attention)
+        )
+        decode = decode_index is not None
+        if decode:
+            self_bias = relpos_bias(length, decode_length, decode_index) + decode_mask_bias(
+                length, decode_length, decode_index)
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)  # cross-attention queries: all real
+        else:
+            self_bias = relpos_bias(length, length) + attention_mask_bias(
+                segment_ids, segment_ids, causal=True, prefix=causal_attention)
         cross_bias = None
-        if encoded is not None:
+        if cfg.is_encoder_decoder:
             cross_bias = attention_mask_bias(segment_ids, encoder_segment_ids)  # [batch, 1, q, k]
-        x = run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, x, self_bias, encoded, cross_bias)
+        x = run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, x, self_bias, encoded, cross_bias,
+                       decode_index, decode=decode)
         x = RMSNorm(dtype=cfg.compute_dtype, name="decoder_norm")(x)
         x = _dropout(cfg, x, deterministic)
         return self._logits(x)
@@ -215,6 +241,19 @@ class EncoderDecoder(nn.Module):
             encoded=encoded, encoder_segment_ids=encoder_segment_ids,
         )
 
+    def decode(
+        self, decoder_input_tokens: Array, encoder_segment_ids: Array, decode_index: Array, decode_length: int,
+        encoded: Array | None = None,
+    ) -> Array:
+        """One cached decoding call: tokens [batch, n] at decode_index.. -> logits [batch, n, vocab].
+
+        Pass `encoded` on the first call (it fills the cross-attention cache), None afterwards.
+        """
+        return self.decoder(
+            decoder_input_tokens, None, True, encoded=encoded, encoder_segment_ids=encoder_segment_ids,
+            decode_index=decode_index, decode_length=decode_length,
+        )
+
 
 class DecoderOnly(nn.Module):
     """Causal LM (or prefix LM when `decoder_causal_attention` marks the prefix)."""
@@ -237,6 +276,11 @@ class DecoderOnly(nn.Module):
         return self.decoder(
             decoder_input_tokens, decoder_segment_ids, deterministic, causal_attention=decoder_causal_attention
         )
+
+    def decode(self, decoder_input_tokens: Array, decode_index: Array, decode_length: int) -> Array:
+        """One cached decoding call: tokens [batch, n] at decode_index.. -> logits [batch, n, vocab]."""
+        return self.decoder(
+            decoder_input_tokens, None, True, decode_index=decode_index, decode_length=decode_length)
 
 
 def build_network(config: TransformerConfig) -> nn.Module:

@@ -1,0 +1,89 @@
+"""Greedy decoding throughput of t5lite vs the PyTorch Hugging Face T5 peer, measured in one run.
+
+    python bench/decode_throughput.py [--peer_python ~/peer-venv/bin/python] [--repeats 3]
+
+Shape: T5 v1.1 small (d_model 512, d_ff 1024, 8+8 layers, 6 heads x 64, vocab 32128), random
+init, float32, batch 8, 512 random input tokens, 64 new tokens: the setting of
+../shared/bench/peers/hf_t5_train.py (run as "8 512 114 1 1 64": a one-step train part, then its
+greedy generate with min_new_tokens=64). Both count batch * 64 new tokens over the whole call
+(encoder included) and never stop early at EOS. Compare the ratio, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.train_throughput import PEER, T5_1_1_SMALL  # noqa: E402
+from t5lite.model.decoding import DecodeConfig  # noqa: E402
+from t5lite.model.models import Model  # noqa: E402
+
+
+def t5lite_decode_throughput(batch: int, inputs: int, new_tokens: int, repeats: int) -> dict:
+    config = dataclasses.replace(T5_1_1_SMALL, dtype="float32")
+    model = Model(config)
+    params = jax.jit(lambda rng: model.init(rng, model.input_shapes(batch, {"inputs": inputs, "targets": 1}))
+                     ["params"])(jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                                    is_leaf=lambda x: hasattr(x, "unbox"))
+    # eos_id -1 never occurs: every row decodes all new_tokens, like the peer's min_new_tokens.
+    decode = DecodeConfig(method="greedy", max_decode_length=new_tokens, eos_id=-1)
+    predict = jax.jit(functools.partial(model.predict_batch, config=decode))
+    data = {"encoder_input_tokens": np.random.default_rng(0).integers(2, 32000, (batch, inputs)).astype(np.int32)}
+    t = time.perf_counter()
+    compiled = predict.lower(params, data).compile()
+    compile_s = time.perf_counter() - t
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(params, data))
+        times.append(time.perf_counter() - t)
+    call_s = float(np.median(times[1:]))
+    return {"impl": "t5lite", "jax": jax.__version__, "batch": batch, "inputs": inputs, "new_tokens": new_tokens,
+            "compile_s": compile_s, "median_call_s": call_s, "decode_tokens_per_s": batch * new_tokens / call_s}
+
+
+def peer_decode_throughput(peer_python: str, batch: int, inputs: int, new_tokens: int) -> dict:
+    # Targets 114 and one train step: the peer script trains first; keep that part short.
+    cmd = [peer_python, PEER, str(batch), str(inputs), "114", "1", "1", str(new_tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer_python", default=os.path.expanduser("~/peer-venv/bin/python"))
+    parser.add_argument("--skip_peer", action="store_true")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--inputs", type=int, default=512)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    rows = [t5lite_decode_throughput(args.batch, args.inputs, args.new_tokens, args.repeats)]
+    if not args.skip_peer:
+        rows.append(peer_decode_throughput(args.peer_python, args.batch, args.inputs, args.new_tokens))
+    for row in rows:
+        print(json.dumps(row))
+    print(f"\n{'impl':28s} {'decode tok/s':>12s}")
+    for row in rows:
+        print(f"{row.get('impl', row.get('peer')):28s} {row['decode_tokens_per_s']:12.1f}")
+    if len(rows) == 2:
+        print(f"ratio t5lite / peer: {rows[0]['decode_tokens_per_s'] / rows[1]['decode_tokens_per_s']:.2f}x  "
+              f"(CPU: {os.cpu_count()} cores, batch {args.batch}, {args.inputs} inputs, {args.new_tokens} new "
+              "tokens, float32, greedy)")
+
+
+if __name__ == "__main__":
+    main()

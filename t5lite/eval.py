@@ -1,0 +1,159 @@
+"""Evaluate checkpoints on every eval task of a mixture.
+
+    python -m t5lite.eval --gin_file=gin/runs/eval.gin --gin.CHECKPOINT_PATH=\\"runs/base/checkpoints/900\\"
+    python -m t5lite.eval --gin_file=gin/runs/eval.gin --gin.CHECKPOINT_PATH=\\"runs/base\\" --watch
+
+Per task: the teacher-forced loss / accuracy / perplexity, and the task's seqio metrics (decoded
+and/or scored; see t5lite.evaluation). CHECKPOINT_PATH is one checkpoint (MODEL_DIR/checkpoints/
+<step>) or a MODEL_DIR (its latest checkpoint). --watch evaluates every checkpoint of MODEL_DIR not
+evaluated yet, then polls for new ones. Results: <output_dir>/step_<step>.json, TensorBoard under
+<output_dir>/tensorboard/<task> and <output_dir>/metrics.jsonl (output_dir: MODEL_DIR/eval).
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":
+    import sys
+
+    from t5lite import eval as _eval_module  # register gin configurables once, not as __main__.*
+
+    sys.exit(_eval_module.main())
+
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import gin
+import jax
+
+from t5lite import evaluation, gin_cli, partitioning, trainer
+from t5lite.data import pipeline
+from t5lite.errors import UserError
+from t5lite.model.config import TransformerConfig
+from t5lite.model.decoding import DecodeConfig
+from t5lite.model.models import Model
+from t5lite.optim import make_optimizer
+from t5lite.summaries import MetricsWriter
+from t5lite.train import _with_rules, data_model_type, load_eval_batches
+from t5lite.train import evaluate as teacher_forced_evaluate
+
+
+class CheckpointEvaluator:
+    """Everything built once (model, restore target, data, compiled steps); evaluates any step."""
+
+    def __init__(
+        self, *, mixture_or_task_name: str, eval_split: str, task_feature_lengths: Mapping[str, int],
+        batch_size: int, num_examples: int | None, loss_batches: int, prefix_lm: bool,
+        partitioning_preset: str, output_dir: str, seed: int,
+    ):
+        self.config = TransformerConfig()
+        self.model = Model(self.config)
+        self.mesh = partitioning.make_mesh()
+        rules = partitioning.axis_rules(partitioning_preset)
+        self.tasks = pipeline.list_tasks_of(mixture_or_task_name)
+        self.inference = evaluation.InferenceEvaluator(
+            self.model, mixture_or_task_name, split=eval_split, task_feature_lengths=task_feature_lengths,
+            batch_size=batch_size, decode_config=DecodeConfig(), num_examples=num_examples, seed=seed)
+        for task in self.inference.tasks_without_metrics:
+            print(f"note: task {task!r} has no metric functions (seqio metric_fns): only its teacher-forced "
+                  "loss is reported. Add metric_fns to the Task for decoded or scored metrics.", flush=True)
+        self.loss_batches = load_eval_batches(
+            self.tasks, split=eval_split, max_batches=loss_batches, seed=seed,
+            task_feature_lengths=dict(task_feature_lengths),
+            model_type=data_model_type(self.config, prefix_lm), batch_size=batch_size)
+        init = trainer.make_sharded_init(self.model, make_optimizer().tx,
+                                         self.model.input_shapes(batch_size, task_feature_lengths), self.mesh, rules)
+        self.abstract_params = init.abstract_state.params  # restore target (shapes and shardings)
+        self.eval_step = jax.jit(_with_rules(trainer.make_eval_step(self.model, trainer.LossConfig()), rules),
+                                 in_shardings=(init.state_shardings.params, partitioning.batch_sharding(self.mesh)))
+        self.output_dir = output_dir
+        os.makedirs(output_dir, exist_ok=True)
+
+    def results_path(self, step: int) -> str:
+        return os.path.join(self.output_dir, f"step_{step}.json")
+
+    def evaluate(self, checkpoints_dir: str, step: int) -> dict[str, dict[str, float]]:
+        """Restores `step`, evaluates every task, writes JSON + TensorBoard; -> task -> metric -> value."""
+        params = evaluation.restore_params(checkpoints_dir, step, self.abstract_params)
+        t0 = time.perf_counter()
+        with self.mesh:
+            loss = teacher_forced_evaluate(self.eval_step, params, self.loss_batches, self.mesh)
+        results = evaluation.merge_results(loss, self.inference.evaluate(params, step))
+        writer = MetricsWriter(self.output_dir)
+        for task, metrics in results.items():
+            writer.write(task, step, metrics)
+            print(f"step {step} {task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        writer.close()
+        with open(self.results_path(step), "w") as f:
+            json.dump({"step": step, "checkpoint": os.path.join(checkpoints_dir, str(step)), "tasks": results,
+                       "seconds": time.perf_counter() - t0}, f, indent=2)
+        return results
+
+
+@gin.configurable
+def evaluate(
+    *,
+    checkpoint_path: str = gin.REQUIRED,
+    mixture_or_task_name: str = "t5lite_default_span_corruption",
+    eval_split: str = "validation",
+    task_feature_lengths: Mapping[str, int] = {"inputs": 128, "targets": 32},  # noqa: B006
+    batch_size: int = 8,
+    num_examples: int | None = 64,
+    loss_batches: int = 8,
+    prefix_lm: bool = False,
+    partitioning_preset: str = "dp",
+    output_dir: str | None = None,
+    seed: int = 0,
+    watch: bool = False,
+    watch_interval_s: float = 30.0,
+    watch_timeout_s: float | None = None,
+) -> dict[int, dict[str, dict[str, float]]]:
+    """Evaluates one checkpoint, or (watch) every new checkpoint; -> step -> task -> metric -> value.
+
+    num_examples: examples per task for decoded/scored metrics (None: the whole split);
+    loss_batches: batches per task for the teacher-forced loss. watch_timeout_s: stop watching
+    after this long without a new checkpoint (None: never).
+    """
+    checkpoints_dir, step = evaluation.resolve_checkpoint_path(checkpoint_path)
+    output_dir = output_dir or os.path.join(os.path.dirname(checkpoints_dir), "eval")
+    if not watch and step is None:
+        steps = evaluation.checkpoint_steps(checkpoints_dir)
+        if not steps:
+            raise UserError(f"No checkpoint in {checkpoints_dir!r}.")
+        step = steps[-1]
+    evaluator = CheckpointEvaluator(
+        mixture_or_task_name=mixture_or_task_name, eval_split=eval_split,
+        task_feature_lengths=task_feature_lengths, batch_size=batch_size, num_examples=num_examples,
+        loss_batches=loss_batches, prefix_lm=prefix_lm, partitioning_preset=partitioning_preset,
+        output_dir=output_dir, seed=seed)
+    if not watch:
+        return {step: evaluator.evaluate(checkpoints_dir, step)}
+
+    all_results = {}
+    last_new = time.monotonic()
+    while watch_timeout_s is None or time.monotonic() - last_new < watch_timeout_s:
+        # Steps with a results file were evaluated by an earlier run: a restarted watcher resumes.
+        new = [s for s in evaluation.checkpoint_steps(checkpoints_dir) if not os.path.exists(evaluator.results_path(s))]
+        for s in new:
+            all_results[s] = evaluator.evaluate(checkpoints_dir, s)
+            last_new = time.monotonic()
+        if not new:
+            time.sleep(watch_interval_s)
+    return all_results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # --watch is the one flag besides gin's; it overrides evaluate.watch.
+        overrides = {"watch": True} if "--watch" in argv else {}
+        args, bindings = gin_cli.parse_args([a for a in argv if a != "--watch"], description=__doc__)
+        gin_cli.parse_gin(args.gin_file, bindings, [p for p in args.gin_search_paths.split(",") if p])
+        evaluate(**overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+

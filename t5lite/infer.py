@@ -1,0 +1,238 @@
+"""Decode or score the examples of a task or an input file with a checkpoint, to JSONL.
+
+    python -m t5lite.infer --gin_file=gin/runs/infer.gin --gin.CHECKPOINT_PATH=\\"runs/base\\" \\
+        --gin.infer.input_file=\\"prompts.txt\\" --gin.infer.output_path=\\"runs/base/prompts.jsonl\\"
+    python -m t5lite.infer --gin_file=gin/runs/infer.gin --gin.infer.task_name=\\"wikitext2_span_corruption\\" \\
+        --gin.infer.mode=\\"score\\" --gin.infer.output_path=\\"scores.jsonl\\"
+
+Input file: `.jsonl` (one JSON object per line: "inputs", and "targets" to score) or any other
+extension (one input text per line). Malformed lines are all reported, with line numbers, before
+any compute. Output: one JSON object per example, in input order: {"index", "inputs", "prediction",
+"score"} (predict) or {"index", "inputs", "targets", "score"} (score: log-likelihood of targets).
+Resumable: records already in output_path are kept and their examples skipped. With several
+processes each takes every process_count-th example and writes output_path-<index>-of-<count>.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":
+    import sys
+
+    from t5lite import infer as _infer_module  # register gin configurables once, not as __main__.*
+
+    sys.exit(_infer_module.main())
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+import gin
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5lite import evaluation, gin_cli, partitioning, trainer
+from t5lite.data import pipeline
+from t5lite.data.vocab import get_default_vocabulary
+from t5lite.errors import UserError
+from t5lite.model.config import TransformerConfig
+from t5lite.model.decoding import DecodeConfig
+from t5lite.model.models import Model
+from t5lite.optim import make_optimizer
+
+MODES = ("predict", "score")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    inputs: str
+    targets: str = ""
+
+
+def read_input_file(path: str, *, needs_targets: bool) -> list[Example]:
+    """Examples of a JSONL or plain-text file; every malformed line is reported in one UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"Input file {path!r} does not exist.")
+    is_jsonl = path.endswith(".jsonl")
+    if needs_targets and not is_jsonl:
+        raise UserError(f"Scoring needs targets: give a .jsonl file with 'inputs' and 'targets' (got {path!r}).")
+    examples, errors = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines separate nothing and are skipped
+            if not is_jsonl:
+                examples.append(Example(inputs=line.rstrip("\n")))
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"line {line_number}: not JSON ({e.msg})")
+                continue
+            keys = ("inputs", "targets") if needs_targets else ("inputs",)
+            problems = [k for k in keys if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+            if problems:
+                errors.append(f"line {line_number}: needs a JSON object with string field(s) {', '.join(problems)}")
+                continue
+            examples.append(Example(inputs=record["inputs"], targets=record.get("targets", "")))
+    if errors:
+        shown = "\n  ".join(errors[:20]) + ("\n  ..." if len(errors) > 20 else "")
+        raise UserError(f"{path}: {len(errors)} malformed line(s):\n  {shown}")
+    if not examples:
+        raise UserError(f"{path}: no examples.")
+    return examples
+
+
+def get_task(task_name: str) -> seqio.Task:
+    pipeline.list_tasks_of(task_name)  # an unknown name fails here, with close matches
+    task = seqio.get_mixture_or_task(task_name)
+    if not isinstance(task, seqio.Task):
+        raise UserError(f"{task_name!r} is a Mixture; infer reads one Task (pick one of its tasks).")
+    return task
+
+
+def read_task(task: seqio.Task, split: str, lengths: Mapping[str, int]) -> tuple[list[Example], seqio.Vocabulary]:
+    """The (decoded) examples of a task's split, in order, and the task's vocabulary."""
+    vocabulary = task.output_features["targets"].vocabulary
+    dataset = task.get_dataset(sequence_length=dict(lengths), split=split, shuffle=False, num_epochs=1)
+    examples = [Example(inputs=vocabulary.decode(ex["inputs"].tolist()) if "inputs" in ex else "",
+                        targets=vocabulary.decode(ex["targets"].tolist()))
+                for ex in dataset.as_numpy_iterator()]
+    return examples, vocabulary
+
+
+def completed_records(output_path: str) -> int:
+    """Complete JSON lines already in output_path; a torn last line (a killed run) is cut off."""
+    if not os.path.exists(output_path):
+        return 0
+    with open(output_path, "rb") as f:
+        lines = f.read().split(b"\n")
+    complete = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            break
+        complete.append(line)
+    with open(output_path, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in complete))
+    return len(complete)
+
+
+def _model_features(examples: Sequence[Example], vocabulary: seqio.Vocabulary, model: Model,
+                    lengths: Mapping[str, int]) -> tf.data.Dataset:
+    """Enumerated, unpacked model features (the seqio feature converter of evaluation)."""
+    eos = vocabulary.eos_id
+
+    def tokens(text: str, length: int) -> np.ndarray:
+        return np.array(vocabulary.encode(text)[: length - 1] + [eos], np.int32)
+
+    has_inputs = "inputs" in lengths
+    rows = {"targets": [tokens(e.targets, lengths["targets"]) if e.targets else np.zeros(0, np.int32)
+                        for e in examples]}
+    if has_inputs:
+        rows["inputs"] = [tokens(e.inputs, lengths["inputs"]) for e in examples]
+    dataset = tf.data.Dataset.from_generator(
+        lambda: ({k: v[i] for k, v in rows.items()} for i in range(len(examples))),
+        output_signature={k: tf.TensorSpec([None], tf.int32) for k in rows})
+    converter = evaluation.eval_feature_converter(model, has_inputs)
+    return converter(dataset, dict(lengths)).enumerate()
+
+
+@gin.configurable
+def infer(
+    *,
+    checkpoint_path: str = gin.REQUIRED,
+    output_path: str = gin.REQUIRED,
+    input_file: str | None = None,
+    task_name: str | None = None,
+    split: str = "validation",
+    mode: str = "predict",
+    task_feature_lengths: Mapping[str, int] = {"inputs": 128, "targets": 32},  # noqa: B006
+    batch_size: int = 8,
+    num_examples: int | None = None,
+    partitioning_preset: str = "dp",
+    seed: int = 0,
+) -> str:
+    """Writes (or completes) output_path; -> its path. Give input_file or task_name."""
+    if mode not in MODES:
+        raise UserError(f"infer.mode={mode!r}; choose one of {MODES}.")
+    if (input_file is None) == (task_name is None):
+        raise UserError("Give exactly one of infer.input_file and infer.task_name.")
+    checkpoints_dir, step = evaluation.resolve_checkpoint_path(checkpoint_path)
+    if step is None:
+        steps = evaluation.checkpoint_steps(checkpoints_dir)
+        if not steps:
+            raise UserError(f"No checkpoint in {checkpoints_dir!r}.")
+        step = steps[-1]
+
+    model = Model(TransformerConfig())
+    if input_file is not None:
+        examples, vocabulary = read_input_file(input_file, needs_targets=mode == "score"), get_default_vocabulary()
+        lengths = dict(task_feature_lengths)
+    else:
+        task = get_task(task_name)
+        lengths = {k: v for k, v in task_feature_lengths.items() if k in task.output_features}
+        examples, vocabulary = read_task(task, split, lengths)
+    evaluation.check_vocabulary(model, input_file or repr(task_name),
+                                {"targets": seqio.Feature(vocabulary)})
+    examples = examples[:num_examples]
+
+    # Hosts take interleaved examples; indices stay those of the whole input.
+    process_index, process_count = jax.process_index(), jax.process_count()
+    indexed = list(enumerate(examples))[process_index::process_count]
+    if process_count > 1:
+        output_path = f"{output_path}-{process_index:05d}-of-{process_count:05d}"
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    done = completed_records(output_path)
+    todo = indexed[done:]
+    print(f"infer: {len(indexed)} examples, {done} already in {output_path}, {len(todo)} to {mode}", flush=True)
+    if not todo:
+        return output_path
+
+    mesh = partitioning.make_mesh()
+    init = trainer.make_sharded_init(model, make_optimizer().tx, model.input_shapes(batch_size, lengths), mesh,
+                                     partitioning.axis_rules(partitioning_preset))
+    params = evaluation.restore_params(checkpoints_dir, step, init.abstract_state.params)
+    if mode == "predict":
+        config = dataclasses.replace(DecodeConfig(), max_decode_length=lengths["targets"])
+        run = jax.jit(functools.partial(model.predict_batch, config=config))
+    else:
+        run = jax.jit(model.score_batch)
+
+    features = _model_features([e for _, e in todo], vocabulary, model, lengths)
+    rng = jax.random.PRNGKey(seed)
+    with open(output_path, "a", encoding="utf-8") as out:
+        for batch_number, (positions, batch) in enumerate(evaluation.padded_batches(features, batch_size)):
+            if mode == "predict":
+                tokens, scores = run(params, batch, rng=jax.random.fold_in(rng, done + batch_number))
+                tokens = np.asarray(tokens)
+            else:
+                scores = run(params, batch)
+            for row, position in enumerate(positions):  # row in the batch, position in `todo`
+                index, example = todo[int(position)]
+                record = {"index": index, "inputs": example.inputs}
+                if mode == "predict":
+                    record["prediction"] = vocabulary.decode(tokens[row].tolist())
+                else:
+                    record["targets"] = example.targets
+                record["score"] = float(np.asarray(scores)[row])
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()  # a killed run resumes after the last whole batch
+    return output_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, bindings = gin_cli.parse_args(argv, description=__doc__)
+        gin_cli.parse_gin(args.gin_file, bindings, [p for p in args.gin_search_paths.split(",") if p])
+        print(f"wrote {infer()}", flush=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

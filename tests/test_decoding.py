@@ -1,0 +1,206 @@
+"""Decoding and scoring: the cached loop against full forward passes, and the decoding methods
+against each other."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5lite.errors import UserError
+from t5lite.model.config import TransformerConfig
+from t5lite.model.decoding import DecodeConfig, filter_logits
+from t5lite.model.models import Model
+
+TINY = TransformerConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48,
+                         num_encoder_layers=2, num_decoder_layers=2)
+DECODER_ONLY = dataclasses.replace(TINY, architecture="decoder_only")
+MAX_NEW = 6
+
+
+def _model(config, shapes):
+    model = Model(config)
+    return model, nn.unbox(model.init(jax.random.PRNGKey(0), shapes)["params"])
+
+
+@functools.cache
+def _encdec(scan_layers=True):
+    return _model(dataclasses.replace(TINY, scan_layers=scan_layers),
+                  {"encoder_input_tokens": (2, 10), "decoder_input_tokens": (2, MAX_NEW)})
+
+
+@functools.cache
+def _decoder_only():
+    return _model(DECODER_ONLY, {"decoder_input_tokens": (2, 12)})
+
+
+def _encdec_batch():
+    tokens = np.random.default_rng(0).integers(2, 64, (2, 10)).astype(np.int32)
+    tokens[1, 7:] = 0  # the second row is shorter: padding must be masked in cross-attention
+    return {"encoder_input_tokens": tokens}
+
+
+def _prompt_batch():
+    """Decoder-only prompts of different lengths (BOS + 2 and BOS + 4 tokens), right-padded."""
+    tokens = np.zeros((2, 6), np.int32)
+    tokens[0, 1:3] = [5, 9]
+    tokens[1, 1:5] = [7, 3, 11, 20]
+    causal = np.zeros((2, 6), np.int32)
+    causal[0, :3], causal[1, :5] = 1, 1
+    return {"decoder_input_tokens": tokens, "decoder_causal_attention": causal}
+
+
+def _predict(model, params, batch, config, rng=None):
+    fn = jax.jit(lambda p, b, r: model.predict_batch(p, b, config, r))
+    tokens, scores = fn(params, batch, rng)
+    return np.asarray(tokens), np.asarray(scores)
+
+
+def _greedy_by_full_forward(model, params, batch, prompts, max_new, eos_id):
+    """Greedy decoding that reruns the training forward pass on the whole sequence at every step."""
+    logits_fn = jax.jit(model.logits)
+    length = 1 + max(map(len, prompts)) + max_new  # fixed, so it compiles once; causal: the tail is unseen
+    outputs = []
+    for row, prompt in enumerate(prompts):
+        sequence = [0, *prompt]
+        generated = []
+        for _ in range(max_new):
+            inputs = np.zeros((1, length), np.int32)
+            inputs[0, :len(sequence)] = sequence
+            full = {"decoder_input_tokens": inputs, "decoder_target_tokens": np.ones_like(inputs)}
+            if "encoder_input_tokens" in batch:
+                full["encoder_input_tokens"] = batch["encoder_input_tokens"][row:row + 1]
+            next_token = int(np.argmax(logits_fn(params, full)[0, len(sequence) - 1]))
+            generated.append(next_token)
+            sequence.append(next_token)
+            if next_token == eos_id:
+                break
+        outputs.append(generated + [0] * (max_new - len(generated)))
+    return np.array(outputs)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cached_greedy_equals_full_forward_greedy_encoder_decoder(scan_layers):
+    model, params = _encdec(scan_layers)
+    batch = _encdec_batch()
+    tokens, _ = _predict(model, params, batch, DecodeConfig(max_decode_length=MAX_NEW, eos_id=63))
+    expected = _greedy_by_full_forward(model, params, batch, [[], []], MAX_NEW, eos_id=63)
+    np.testing.assert_array_equal(tokens, expected)
+
+
+def test_cached_greedy_with_prompts_equals_full_forward_greedy_decoder_only():
+    model, params = _decoder_only()
+    batch = _prompt_batch()
+    tokens, _ = _predict(model, params, batch, DecodeConfig(max_decode_length=MAX_NEW, eos_id=63))
+    expected = _greedy_by_full_forward(model, params, batch, [[5, 9], [7, 3, 11, 20]], MAX_NEW, eos_id=63)
+    np.testing.assert_array_equal(tokens, expected)
+
+
+def test_decoding_stops_at_eos_per_sequence():
+    model, params = _encdec()
+    batch = _encdec_batch()
+    free, _ = _predict(model, params, batch, DecodeConfig(max_decode_length=MAX_NEW, eos_id=63))
+    eos = int(free[0, 0])  # row 0 must stop after its first token; row 1 where it meets this token
+    tokens, _ = _predict(model, params, batch, DecodeConfig(max_decode_length=MAX_NEW, eos_id=eos))
+    for row in range(2):
+        hits = np.flatnonzero(free[row] == eos)
+        end = hits[0] + 1 if hits.size else MAX_NEW
+        np.testing.assert_array_equal(tokens[row], [*free[row, :end]] + [0] * (MAX_NEW - end))
+    assert (tokens[0, 1:] == 0).all() and (free[0, 1:] != 0).all()
+
+
+@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only"])
+def test_greedy_scores_equal_score_batch_of_the_decoded_tokens(architecture):
+    if architecture == "encoder_decoder":
+        model, params = _encdec()
+        batch = _encdec_batch()
+    else:
+        model, params = _decoder_only()
+        batch = {"decoder_input_tokens": np.zeros((2, 1), np.int32)}  # unconditional: BOS only
+    tokens, scores = _predict(model, params, batch, DecodeConfig(max_decode_length=MAX_NEW, eos_id=63))
+    targets = tokens
+    scored = {"decoder_target_tokens": targets,
+              "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
+              "decoder_loss_weights": np.ones_like(targets)}
+    if architecture == "encoder_decoder":
+        scored["encoder_input_tokens"] = batch["encoder_input_tokens"]
+    scored["decoder_segment_ids"] = np.ones_like(targets)
+    np.testing.assert_allclose(model.score_batch(params, scored), scores, rtol=1e-4, atol=1e-4)
+
+
+def test_score_batch_is_the_sum_of_target_log_probs_of_the_training_forward_pass():
+    model, params = _encdec()
+    rng = np.random.default_rng(1)
+    targets = rng.integers(2, 64, (2, 5)).astype(np.int32)
+    targets[1, 3:] = 0  # padding is not scored
+    batch = {**_encdec_batch(), "decoder_target_tokens": targets,
+             "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1]}
+    log_probs = jax.nn.log_softmax(model.logits(params, batch), axis=-1)
+    expected = [sum(float(log_probs[r, t, targets[r, t]]) for t in range(5) if targets[r, t]) for r in range(2)]
+    np.testing.assert_allclose(model.score_batch(params, batch), expected, rtol=1e-5)
+    # The teacher-forced eval loss agrees: cross entropy sum = -sum of the scores.
+    _, sums = model.loss_sums(params, batch)
+    np.testing.assert_allclose(sums["cross_entropy"], -np.sum(expected), rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only"])
+def test_one_beam_and_near_zero_temperature_and_top_k_1_equal_greedy(architecture):
+    model, params = _encdec() if architecture == "encoder_decoder" else _decoder_only()
+    batch = _encdec_batch() if architecture == "encoder_decoder" else _prompt_batch()
+    greedy, greedy_scores = _predict(model, params, batch, DecodeConfig(max_decode_length=MAX_NEW, eos_id=63))
+    beam, beam_scores = _predict(model, params, batch, DecodeConfig(
+        method="beam", num_beams=1, length_penalty_alpha=0.0, max_decode_length=MAX_NEW, eos_id=63))
+    np.testing.assert_array_equal(beam, greedy)
+    np.testing.assert_allclose(beam_scores, greedy_scores, rtol=1e-5)
+    rng = jax.random.PRNGKey(3)
+    cold, _ = _predict(model, params, batch, DecodeConfig(
+        method="sample", temperature=1e-4, max_decode_length=MAX_NEW, eos_id=63), rng)
+    top1, _ = _predict(model, params, batch, DecodeConfig(
+        method="sample", top_k=1, max_decode_length=MAX_NEW, eos_id=63), rng)
+    np.testing.assert_array_equal(cold, greedy)
+    np.testing.assert_array_equal(top1, greedy)
+
+
+def test_beam_search_returns_a_beam_whose_score_is_its_penalised_log_likelihood():
+    model, params = _encdec()
+    batch = _encdec_batch()
+    config = DecodeConfig(method="beam", num_beams=4, length_penalty_alpha=0.6, max_decode_length=MAX_NEW,
+                          eos_id=63)
+    tokens, scores = _predict(model, params, batch, config)
+    assert (tokens != 63).all()
+    scored = {**batch, "decoder_target_tokens": tokens, "decoder_segment_ids": np.ones_like(tokens),
+              "decoder_input_tokens": np.pad(tokens, ((0, 0), (1, 0)))[:, :-1],
+              "decoder_loss_weights": np.ones_like(tokens)}
+    penalty = ((5.0 + MAX_NEW) / 6.0) ** 0.6  # no EOS was produced: full length
+    np.testing.assert_allclose(np.asarray(model.score_batch(params, scored)) / penalty, scores, rtol=1e-4)
+
+
+def test_sampling_is_seeded_and_differs_from_greedy():
+    model, params = _decoder_only()
+    batch = {"decoder_input_tokens": np.zeros((2, 1), np.int32)}
+    config = DecodeConfig(method="sample", temperature=2.0, max_decode_length=MAX_NEW, eos_id=63)
+    a, _ = _predict(model, params, batch, config, jax.random.PRNGKey(1))
+    b, _ = _predict(model, params, batch, config, jax.random.PRNGKey(1))
+    c, _ = _predict(model, params, batch, config, jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_top_k_and_top_p_keep_the_expected_tokens():
+    probs = jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]])
+    logits = jnp.log(probs)
+    kept = lambda filtered: np.flatnonzero(np.asarray(filtered[0]) > -1e6).tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)) == [0, 1]
+    assert kept(filter_logits(logits, top_p=0.5)) == [0]  # 0.5 alone reaches 0.5
+    assert kept(filter_logits(logits, top_p=0.8)) == [0, 1, 2]  # 0.5 + 0.2 < 0.8 <= 0.85
+    assert kept(filter_logits(logits, top_k=2, top_p=0.99)) == [0, 1]
+
+
+def test_bad_decode_settings_are_user_errors():
+    with pytest.raises(UserError, match="method"):
+        DecodeConfig(method="nucleus")
+    with pytest.raises(UserError, match="top_p"):
+        DecodeConfig(top_p=0.0)
