@@ -36,7 +36,7 @@ from t5lite.model.decoding import DecodeConfig
 from t5lite.model.models import Model
 from t5lite.optim import make_optimizer
 from t5lite.summaries import MetricsWriter
-from t5lite.train import _with_rules, data_model_type, load_eval_batches
+from t5lite.train import data_model_type, load_eval_batches
 from t5lite.train import evaluate as teacher_forced_evaluate
 
 
@@ -66,7 +66,8 @@ class CheckpointEvaluator:
         init = trainer.make_sharded_init(self.model, make_optimizer().tx,
                                          self.model.input_shapes(batch_size, task_feature_lengths), self.mesh, rules)
         self.abstract_params = init.abstract_state.params  # restore target (shapes and shardings)
-        self.eval_step = jax.jit(_with_rules(trainer.make_eval_step(self.model, trainer.LossConfig()), rules),
+        eval_step = trainer.make_eval_step(self.model, trainer.LossConfig())
+        self.eval_step = jax.jit(partitioning.with_sharding_rules(eval_step, self.mesh, rules),
                                  in_shardings=(init.state_shardings.params, partitioning.batch_sharding(self.mesh)))
         self.output_dir = output_dir
         os.makedirs(output_dir, exist_ok=True)
