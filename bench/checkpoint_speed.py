@@ -25,13 +25,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.train_throughput import T5_1_1_SMALL  # noqa: E402
 from t5lite import checkpoints, partitioning, trainer  # noqa: E402
-from t5lite.model.config import TransformerConfig  # noqa: E402
 from t5lite.model.models import Model  # noqa: E402
 from t5lite.optim import make_optimizer, make_schedule  # noqa: E402
-
-T5_1_1_SMALL = TransformerConfig(vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
-                                 num_encoder_layers=8, num_decoder_layers=8, dropout_rate=0.0)
 
 
 def random_batch(batch: int, inputs: int, targets: int) -> dict[str, np.ndarray]:

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -25,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.train_throughput import PEER, T5_1_1_SMALL  # noqa: E402
+from bench.train_throughput import T5_1_1_SMALL, run_peer  # noqa: E402
 from t5lite.model.decoding import DecodeConfig  # noqa: E402
 from t5lite.model.models import Model  # noqa: E402
 
@@ -56,9 +55,7 @@ def t5lite_decode_throughput(batch: int, inputs: int, new_tokens: int, repeats: 
 
 def peer_decode_throughput(peer_python: str, batch: int, inputs: int, new_tokens: int) -> dict:
     # Targets 114 and one train step: the peer script trains first; keep that part short.
-    cmd = [peer_python, PEER, str(batch), str(inputs), "114", "1", "1", str(new_tokens)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_peer(peer_python, batch, inputs, 114, 1, 1, new_tokens)
 
 
 def main() -> None:

@@ -72,11 +72,16 @@ def t5lite_train_throughput(config: TransformerConfig, batch: int, inputs: int, 
             "train_tokens_per_s": batch * (inputs + targets) / step_s}
 
 
+def run_peer(peer_python: str, *peer_args: int) -> dict:
+    """Runs the peer script with its positional args (batch inputs targets steps warmup decode_len);
+    -> the JSON line it prints last."""
+    out = subprocess.run([peer_python, PEER, *map(str, peer_args)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def peer_train_throughput(peer_python: str, batch: int, inputs: int, targets: int, steps: int, warmup: int) -> dict:
     # decode_len 1: this benchmark is about training; the decode benchmark is separate.
-    cmd = [peer_python, PEER, str(batch), str(inputs), str(targets), str(steps), str(warmup), "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_peer(peer_python, batch, inputs, targets, steps, warmup, 1)
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ class CheckpointEvaluator:
         """Restores `step`, evaluates every task, writes JSON + TensorBoard; -> task -> metric -> value."""
         params = evaluation.restore_params(checkpoints_dir, step, self.abstract_params)
         t0 = time.perf_counter()
-        with self.mesh:
+        with jax.set_mesh(self.mesh):  # as train.py does (`with mesh:` no longer sets it in jax 0.10)
             loss = teacher_forced_evaluate(self.eval_step, params, self.loss_batches, self.mesh)
         results = evaluation.merge_results(loss, self.inference.evaluate(params, step))
         writer = MetricsWriter(self.output_dir)
