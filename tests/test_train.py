@@ -129,13 +129,21 @@ def _saved_params(model_dir, step):
     return jax.tree_util.tree_map(np.asarray, state["params"])
 
 
-def _wait_for_step(proc, model_dir, step, timeout=300):
+def _committed_checkpoints(model_dir):
+    """Steps whose (async) save has finished: orbax writes into a tmp directory and renames it at commit."""
+    directory = os.path.join(model_dir, "checkpoints")
+    return [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+
+
+def _wait_for_step(proc, model_dir, step, timeout=300, checkpointed=False):
+    """Until the run has logged `step` (and, with `checkpointed`, has committed at least one checkpoint)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         metrics = os.path.join(model_dir, "metrics.jsonl")
         if os.path.exists(metrics) and max(_losses_by_step(model_dir), default=0) >= step:
-            return
-        time.sleep(0.1)
+            if not checkpointed or _committed_checkpoints(model_dir):
+                return
+        time.sleep(0.05)
     pytest.fail(f"the run did not reach step {step} (exit code {proc.poll()})")
 
 
@@ -151,7 +159,8 @@ def test_killed_run_resumes_exactly_where_it_stopped(tmp_path):
     proc = subprocess.Popen(_train_command(interrupted, *extra), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_step(proc, interrupted, kill_at)
+        # the step-5 save is asynchronous: a kill before it commits would leave nothing to resume from
+        _wait_for_step(proc, interrupted, kill_at, checkpointed=True)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
