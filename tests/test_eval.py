@@ -130,11 +130,11 @@ def test_eval_reports_loss_and_metrics_and_rank_classification_picks_the_known_a
 @pytest.mark.parametrize("model_gin,mixture", [("t5_1_1_tiny", "zero_shot"),
                                                ("decoder_only_tiny", "zero_shot_prefix_lm")])
 def test_eval_scores_arc_and_lambada_from_the_shared_data(tmp_path, monkeypatch, model_gin, mixture):
+    """The decoder-only model is a causal LM (evaluate.prefix_lm=False): scored without a bidirectional prompt."""
     monkeypatch.setenv(downstream.DATA_DIR_ENV, SHARED_DATA)
     model_dir = str(tmp_path / "run")
     extra = [f"--gin_file=gin/models/{model_gin}.gin", f"--gin.MIXTURE_OR_TASK_NAME='{mixture}'",
-             "--gin.evaluate.eval_split='test'", "--gin.evaluate.num_examples=8",
-             f"--gin.evaluate.prefix_lm={model_gin.startswith('decoder')}"]
+             "--gin.evaluate.eval_split='test'", "--gin.evaluate.num_examples=8"]
     _save_random_checkpoint(model_dir, 1, 0, *extra)
     assert eval_lib.main(_gin_args(model_dir, *extra)) == 0
     suffix = mixture[len("zero_shot"):]
