@@ -11,9 +11,9 @@ Tasks (split "test"), registered on import:
                               metric rank_classification (accuracy, length-normalised, chance)
     lambada                   inputs = the passage without its last word, targets = that word;
                               metrics last_word_accuracy (greedy decode) and target_perplexity (score)
-    zero_shot                 mixture of the three, for one `python -m t5lite.eval` run
+    arc, zero_shot            mixtures: the two ARC tasks; all three, for one `python -m t5lite.eval` run
 The tasks above are for encoder-decoder models (inputs end with EOS, as in T5 pretraining).
-"<task>_prefix_lm" and zero_shot_prefix_lm are the same rows for decoder-only models: no EOS
+"<task>_prefix_lm", arc_prefix_lm and zero_shot_prefix_lm are the same rows for decoder-only models: no EOS
 between prompt and continuation, so the model reads one running text as in lm-evaluation-harness.
 Targets never get EOS: a score is log p(continuation | prompt) and nothing else. Inputs longer than
 the feature length lose their beginning, not their end (the words the answer depends on).
@@ -116,9 +116,9 @@ def register_zero_shot_tasks() -> None:
                       metric_fns=[metrics.rank_classification], postprocess_fn=metrics.rank_classification_target)
         _add_task(f"lambada{suffix}", lambada_records, inputs_eos=inputs_eos,
                   metric_fns=[metrics.last_word_accuracy, metrics.target_perplexity])
-        mixture = f"zero_shot{suffix}"
-        if mixture not in seqio.MixtureRegistry.names():
-            seqio.MixtureRegistry.add(mixture, [f"{t}{suffix}" for t in (*ARC_TASKS, "lambada")], default_rate=1.0)
+        for mixture, members in ((f"arc{suffix}", ARC_TASKS), (f"zero_shot{suffix}", (*ARC_TASKS, "lambada"))):
+            if mixture not in seqio.MixtureRegistry.names():
+                seqio.MixtureRegistry.add(mixture, [f"{t}{suffix}" for t in members], default_rate=1.0)
 
 
 register_zero_shot_tasks()
