@@ -142,3 +142,9 @@ def test_malformed_benchmark_line_is_reported_with_file_and_line(tmp_path, monke
         _raw("arc_easy", "test")
     with pytest.raises(UserError, match="lambada_openai/lambada_openai.jsonl does not exist"):
         _raw("lambada", "test")
+
+
+def test_lambada_prediction_loses_t5_sentinels_before_the_first_word():
+    postprocess = seqio.TaskRegistry.get("lambada").postprocess_fn
+    assert postprocess("<extra_id_0> signs of", example={}, is_target=False).split()[0] == "signs"
+    assert postprocess("signs", example={}, is_target=True) == "signs"

@@ -10,7 +10,8 @@ Tasks (split "test"), registered on import:
                               targets = the choice, int features question_id, is_correct; scored;
                               metric rank_classification (accuracy, length-normalised, chance)
     lambada                   inputs = the passage without its last word, targets = that word;
-                              metrics last_word_accuracy (greedy decode) and target_perplexity (score)
+                              metrics last_word_accuracy (greedy decode, T5 sentinels dropped) and
+                              target_perplexity (score)
     arc, zero_shot            mixtures: the two ARC tasks; all three, for one `python -m t5lite.eval` run
 The tasks above are for encoder-decoder models (inputs end with EOS, as in T5 pretraining).
 "<task>_prefix_lm", arc_prefix_lm and zero_shot_prefix_lm are the same rows for decoder-only models: no EOS
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable, Mapping
 
 import seqio
@@ -83,6 +85,13 @@ def lambada_records(split: str) -> list[dict[str, str]]:
     return [{"inputs": row["context"], "targets": row["continuation"]} for row in rows]
 
 
+def without_sentinels(text: str, example: Mapping | None = None, is_target: bool = False) -> str:
+    """seqio postprocess_fn of lambada: drops T5 sentinels (<extra_id_N>) from a prediction, since a
+    span-corruption model answers "<extra_id_0> word ..." (the missing span after its marker)."""
+    del example
+    return text if is_target else re.sub(r"<extra_id_\d+>", " ", text)
+
+
 def keep_last_input_tokens(
     dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None, output_features: Mapping[str, seqio.Feature]
 ) -> tf.data.Dataset:
@@ -115,7 +124,7 @@ def register_zero_shot_tasks() -> None:
             _add_task(f"{task}{suffix}", functools.partial(arc_records, file_name), inputs_eos=inputs_eos,
                       metric_fns=[metrics.rank_classification], postprocess_fn=metrics.rank_classification_target)
         _add_task(f"lambada{suffix}", lambada_records, inputs_eos=inputs_eos,
-                  metric_fns=[metrics.last_word_accuracy, metrics.target_perplexity])
+                  metric_fns=[metrics.last_word_accuracy, metrics.target_perplexity], postprocess_fn=without_sentinels)
         for mixture, members in ((f"arc{suffix}", ARC_TASKS), (f"zero_shot{suffix}", (*ARC_TASKS, "lambada"))):
             if mixture not in seqio.MixtureRegistry.names():
                 seqio.MixtureRegistry.add(mixture, [f"{t}{suffix}" for t in members], default_rate=1.0)
