@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import gin
 import jax
+import seqio
 
 from t5lite import evaluation, fileio, gin_cli, partitioning, trainer
 from t5lite.data import pipeline
@@ -55,14 +56,20 @@ class CheckpointEvaluator:
         self.tasks = pipeline.list_tasks_of(mixture_or_task_name)
         self.inference = evaluation.InferenceEvaluator(
             self.model, mixture_or_task_name, split=eval_split, task_feature_lengths=task_feature_lengths,
-            batch_size=batch_size, decode_config=DecodeConfig(), num_examples=num_examples, seed=seed)
+            batch_size=batch_size, decode_config=DecodeConfig(), num_examples=num_examples, seed=seed,
+            prefix_lm=prefix_lm)
         for task in self.inference.tasks_without_metrics:
             print(f"note: task {task!r} has no metric functions (seqio metric_fns): only its teacher-forced "
                   "loss is reported. Add metric_fns to the Task for decoded or scored metrics.", flush=True)
+        # Tasks with inputs get prefix-LM features on a decoder-only model; a causal LM reads them causally.
+        has_inputs = "inputs" in seqio.get_mixture_or_task(mixture_or_task_name).output_features
         self.loss_batches = load_eval_batches(
             self.tasks, split=eval_split, max_batches=loss_batches, seed=seed,
             task_feature_lengths=dict(task_feature_lengths),
-            model_type=data_model_type(self.config, prefix_lm), batch_size=batch_size)
+            model_type=data_model_type(self.config, prefix_lm or has_inputs), batch_size=batch_size)
+        if self.inference.causal_scoring:
+            self.loss_batches = {task: [evaluation.without_prefix_attention(b) for b in batches]
+                                 for task, batches in self.loss_batches.items()}
         init = trainer.make_sharded_init(self.model, make_optimizer().tx,
                                          self.model.input_shapes(batch_size, task_feature_lengths), self.mesh, rules)
         self.abstract_params = init.abstract_state.params  # restore target (shapes and shardings)
@@ -113,6 +120,8 @@ def evaluate(
 ) -> dict[int, dict[str, dict[str, float]]]:
     """Evaluates one checkpoint, or (watch) every new checkpoint; -> step -> task -> metric -> value.
 
+    prefix_lm: a decoder-only model was trained as a prefix LM (its prompt attended bidirectionally);
+    False: a causal LM, which also reads the prompt of a task with inputs causally.
     num_examples: examples per task for decoded/scored metrics (None: the whole split);
     loss_batches: batches per task for the teacher-forced loss. watch_timeout_s: stop watching
     after this long without a new checkpoint (None: never).

@@ -95,19 +95,29 @@ def padded_batches(dataset: tf.data.Dataset, batch_size: int) -> Iterator[tuple[
         yield indices, padded
 
 
+def without_prefix_attention(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """seqio's prefix-LM features mark the prompt for bidirectional attention; a causal LM never saw
+    that in training, so it reads them without the mark (the loss weights still pick the targets)."""
+    return {k: v for k, v in batch.items() if k != "decoder_causal_attention"}
+
+
 class InferenceEvaluator:
     """Decodes and scores the eval tasks (with metric functions) of a mixture on given params."""
 
     def __init__(
         self, model: Model, mixture_or_task_name: str, *, split: str, task_feature_lengths: Mapping[str, int],
         batch_size: int, decode_config: DecodeConfig, num_examples: int | None = None, seed: int = 0,
+        prefix_lm: bool = True,
     ):
+        """prefix_lm: a decoder-only model scores targets with its prompt attended bidirectionally (as
+        trained with train.prefix_lm=True); False: causally, as a causal LM was trained."""
         pipeline.list_tasks_of(mixture_or_task_name)  # an unknown name fails here, with close matches
         provider = seqio.get_mixture_or_task(mixture_or_task_name)
         check_vocabulary(model, repr(provider.name), provider.output_features)
         tasks = seqio.get_subtasks(provider)
         self.tasks_without_metrics = sorted(t.name for t in tasks if not t.metric_objs)
         self.model, self.batch_size = model, batch_size
+        self.causal_scoring = not (prefix_lm or model.config.is_encoder_decoder)
         lengths = {k: v for k, v in task_feature_lengths.items() if k in provider.output_features}
         self.decode_config = dataclasses.replace(decode_config, max_decode_length=lengths["targets"])
         self._evaluator = seqio.Evaluator(
@@ -117,6 +127,9 @@ class InferenceEvaluator:
         )
         self._predict = jax.jit(functools.partial(model.predict_batch, config=self.decode_config))
         self._score = jax.jit(model.score_batch)
+
+    def _score_features(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return without_prefix_attention(batch) if self.causal_scoring else batch
 
     @property
     def task_names(self) -> list[str]:
@@ -139,7 +152,7 @@ class InferenceEvaluator:
         def score_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, float]]:
             out = []
             for indices, batch in padded_batches(dataset, self.batch_size):
-                scores = np.asarray(self._score(params, batch))
+                scores = np.asarray(self._score(params, self._score_features(batch)))
                 out.extend((int(j), float(s)) for j, s in zip(indices, scores, strict=False))
             return out
 
@@ -219,7 +232,7 @@ class TrainingMonitor:
     def __init__(
         self, model: Model, eval_mixture_or_task_name: str, eval_tasks: Sequence[str], *, split: str,
         task_feature_lengths: Mapping[str, int], batch_size: int, infer_eval_every: int, infer_eval_examples: int,
-        early_stopping: EarlyStopping | None, write_metrics, verbose: bool,
+        early_stopping: EarlyStopping | None, write_metrics, verbose: bool, prefix_lm: bool = True,
     ):
         self.infer_eval_every, self.early_stopping = infer_eval_every, early_stopping
         self.write_metrics, self.verbose = write_metrics, verbose
@@ -230,7 +243,8 @@ class TrainingMonitor:
         if infer_eval_every > 0:
             self.inference = InferenceEvaluator(
                 model, eval_mixture_or_task_name, split=split, task_feature_lengths=task_feature_lengths,
-                batch_size=batch_size, decode_config=DecodeConfig(), num_examples=infer_eval_examples)
+                batch_size=batch_size, decode_config=DecodeConfig(), num_examples=infer_eval_examples,
+                prefix_lm=prefix_lm)
             if verbose and self.inference.tasks_without_metrics:
                 print(f"  inference eval: no metric functions in {', '.join(self.inference.tasks_without_metrics)}"
                       " (only their teacher-forced loss is evaluated)", flush=True)

@@ -251,7 +251,7 @@ def train(
         task_feature_lengths=task_feature_lengths, batch_size=batch_size // jax.process_count(),
         infer_eval_every=infer_eval_every, infer_eval_examples=infer_eval_examples, write_metrics=writer.write,
         early_stopping=evaluation.EarlyStopping(early_stopping_metric, early_stopping_patience, early_stopping_mode)
-        if early_stopping_metric else None, verbose=is_chief)
+        if early_stopping_metric else None, verbose=is_chief, prefix_lm=prefix_lm)
     if is_chief:
         with fileio.open_file(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())  # every binding as parsed (files + --gin. flags)

@@ -1,11 +1,13 @@
-"""Downstream tasks read the real public datasets (../shared/data) in the documented formats."""
+"""Downstream and zero-shot tasks read the real public datasets (../shared/data) in the documented formats."""
 
+import json
 import os
 
 import pytest
 import seqio
 
 from t5lite.data import downstream, pipeline
+from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
@@ -56,3 +58,93 @@ def test_missing_data_dir_says_how_to_set_it(monkeypatch):
     monkeypatch.setenv(downstream.DATA_DIR_ENV, "/nonexistent")
     with pytest.raises(UserError, match="/nonexistent/sst2/dev.tsv does not exist"):
         _raw("sst2", "validation")
+
+
+def _raw_jsonl(*parts):
+    with open(os.path.join(SHARED_DATA, *parts), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _references_of(example):
+    return seqio.TaskRegistry.get("squad_v1_1").postprocess_fn("", example=example, is_target=True)
+
+
+def test_squad_keeps_every_reference_answer():
+    example = next(seqio.TaskRegistry.get("squad_v1_1").get_dataset(
+        {"inputs": 512, "targets": 16}, split="validation", shuffle=False).as_numpy_iterator())
+    assert _references_of(example) == ["the curriculum.", "curriculum", "curriculum"]
+
+
+def test_squad_metric_takes_the_max_over_references_through_seqio_evaluator():
+    """The first three validation questions, predictions decoded from fixed token ids:
+    refs ["the curriculum.", "curriculum", "curriculum"], "the school curriculum": EM 0, F1 2/3
+      ("school curriculum" vs "curriculum": P 1/2, R 1);
+    refs ["pedagogy", "pedagogy", "formal education"], "formal education": EM 1, F1 1 (3rd ref only);
+    refs ["university or college.", "university", "university or college"], "a university": EM 1,
+      F1 1 (2nd ref). EM 2/3, F1 (2/3 + 1 + 1) / 3 = 8/9. Against the first reference only, EM
+    would be 0 and F1 (2/3 + 0 + 1/2) / 3."""
+    vocabulary = get_default_vocabulary()
+    predictions = ["the school curriculum", "formal education", "a university"]
+    evaluator = seqio.Evaluator("squad_v1_1", eval_split="validation", num_examples=3,
+                                feature_converter=seqio.EncDecFeatureConverter(pack=False),
+                                sequence_length={"inputs": 512, "targets": 16}, async_compute_metrics=False)
+
+    def predict_fn(dataset, model_feature_shapes=None):
+        padded = lambda tokens: tokens + [0] * (16 - len(tokens))  # noqa: E731  (decoded rows are padded)
+        return [(int(i), padded(vocabulary.encode(predictions[int(i)]))) for i, _ in dataset.as_numpy_iterator()]
+
+    result, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn, score_fn=None)
+    squad = {k: getattr(v, "value", v) for k, v in result.result()["squad_v1_1"].items()}
+    assert squad["em"] == pytest.approx(100 * 2 / 3)
+    assert squad["f1"] == pytest.approx(100 * 8 / 9)
+
+
+@pytest.mark.parametrize("task,file_name,num_questions", [("arc_easy", "arc_easy.jsonl", 2376),
+                                                          ("arc_challenge_prefix_lm", "arc_challenge.jsonl", 1172)])
+def test_arc_has_one_row_per_question_and_choice(task, file_name, num_questions):
+    questions = _raw_jsonl("arc", file_name)
+    assert len(questions) == num_questions
+    rows = seqio.TaskRegistry.get(task).source.get_dataset(split="test", shuffle=False)
+    rows = list(rows.as_numpy_iterator())
+    assert len(rows) == sum(len(q["choices"]) for q in questions)
+    first = [r for r in rows if r["question_id"] == 0]
+    assert [r["targets"].decode() for r in first] == questions[0]["choices"]
+    assert [r["is_correct"] for r in first] == [int(i == questions[0]["gold"]) for i in range(4)]
+    assert first[0]["inputs"].decode() == questions[0]["query"] + "\nAnswer:"
+    assert sum(r["is_correct"] for r in rows) == num_questions  # one right choice each
+
+
+def test_lambada_rows_are_passage_and_last_word():
+    raw = _raw_jsonl("lambada_openai", "lambada_openai.jsonl")
+    rows = _raw("lambada", "test")
+    assert len(rows) == len(raw) == 5153
+    assert rows[0] == {"inputs": raw[0]["context"], "targets": raw[0]["continuation"]}
+
+
+@pytest.mark.parametrize("task,eos", [("lambada", True), ("lambada_prefix_lm", False)])
+def test_long_passages_lose_their_beginning_not_the_words_before_the_answer(task, eos):
+    vocabulary = get_default_vocabulary()
+    example = next(seqio.TaskRegistry.get(task).get_dataset(
+        {"inputs": 16, "targets": 8}, split="test", shuffle=False).as_numpy_iterator())
+    tokens = list(example["inputs"])
+    full = vocabulary.encode(example["inputs_pretokenized"].decode())
+    assert len(tokens) == 16
+    assert tokens == (full[-15:] + [1] if eos else full[-16:])
+    assert list(example["targets"]) == vocabulary.encode(example["targets_pretokenized"].decode())  # no EOS
+
+
+def test_malformed_benchmark_line_is_reported_with_file_and_line(tmp_path, monkeypatch):
+    (tmp_path / "arc").mkdir()
+    good = json.dumps({"query": "Question: q?", "choices": ["a", "b"], "gold": 1})
+    (tmp_path / "arc" / "arc_easy.jsonl").write_text(good + "\n" + good.replace('"gold": 1', '"gold": 2') + "\n")
+    monkeypatch.setenv(downstream.DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(UserError, match=r"arc_easy.jsonl:2: 'gold' must index 'choices'"):
+        _raw("arc_easy", "test")
+    with pytest.raises(UserError, match="lambada_openai/lambada_openai.jsonl does not exist"):
+        _raw("lambada", "test")
+
+
+def test_lambada_prediction_loses_t5_sentinels_before_the_first_word():
+    postprocess = seqio.TaskRegistry.get("lambada").postprocess_fn
+    assert postprocess("<extra_id_0> signs of", example={}, is_target=False).split()[0] == "signs"
+    assert postprocess("signs", example={}, is_target=True) == "signs"

@@ -14,7 +14,7 @@ import tensorflow as tf
 from t5lite import checkpoints, evaluation, gin_cli, partitioning, trainer
 from t5lite import eval as eval_lib
 from t5lite import train as train_lib
-from t5lite.data import metrics
+from t5lite.data import downstream, metrics
 from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
 from t5lite.evaluation import EarlyStopping
@@ -23,6 +23,7 @@ from t5lite.model.models import Model
 from t5lite.optim import make_optimizer
 
 LENGTHS = {"inputs": 32, "targets": 16}
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 WORDS = ["apple", "river", "stone", "cloud", "green", "north", "light", "table", "music", "paper"]
 SHORT_CHOICES = ["yes", "no", "ok", "up"]
 
@@ -123,6 +124,32 @@ def test_eval_reports_loss_and_metrics_and_rank_classification_picks_the_known_a
     assert results["t5lite_test_choice"]["accuracy"] == 100.0
     assert results["t5lite_test_choice"]["length_normalized_accuracy"] == 0.0
     assert os.path.isdir(os.path.join(model_dir, "eval", "tensorboard", "t5lite_test_copy"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_gin,mixture", [("t5_1_1_tiny", "zero_shot"),
+                                               ("decoder_only_tiny", "zero_shot_prefix_lm")])
+def test_eval_scores_arc_and_lambada_from_the_shared_data(tmp_path, monkeypatch, model_gin, mixture):
+    """The decoder-only model is a causal LM (evaluate.prefix_lm=False): scored without a bidirectional prompt."""
+    monkeypatch.setenv(downstream.DATA_DIR_ENV, SHARED_DATA)
+    model_dir = str(tmp_path / "run")
+    extra = [f"--gin_file=gin/models/{model_gin}.gin", f"--gin.MIXTURE_OR_TASK_NAME='{mixture}'",
+             "--gin.evaluate.eval_split='test'", "--gin.evaluate.num_examples=8"]
+    _save_random_checkpoint(model_dir, 1, 0, *extra)
+    assert eval_lib.main(_gin_args(model_dir, *extra)) == 0
+    suffix = mixture[len("zero_shot"):]
+    results = _results(model_dir, 1)
+    assert set(results) == {f"arc_easy{suffix}", f"arc_challenge{suffix}", f"lambada{suffix}"}
+    for arc in ("arc_easy", "arc_challenge"):
+        arc_results = results[f"{arc}{suffix}"]
+        # 8 rows are the first 2 questions' 4 choices each: accuracy 0, 50 or 100 against chance 25.
+        assert arc_results["chance_accuracy"] == 25.0
+        assert arc_results["accuracy"] in (0.0, 50.0, 100.0) and "length_normalized_accuracy" in arc_results
+        assert arc_results["loss"] > 0
+    lambada = results[f"lambada{suffix}"]
+    assert 0.0 <= lambada["last_word_accuracy"] <= 100.0
+    # Near-uniform over 8192 ids, a word of one or more tokens has log p <= about -log(8192).
+    assert lambada["target_perplexity"] > 1000
 
 
 @pytest.mark.slow

@@ -71,7 +71,21 @@ def test_rank_classification_plain_and_length_normalised():
     # log p per byte (-3/11 > -2/1). Question 1: the right choice wins both ways.
     targets = [(0, False, 1), (0, True, 11), (1, True, 5), (1, False, 5)]
     scores = [-2.0, -3.0, -1.0, -4.0]
-    assert metrics.rank_classification(targets, scores) == {"accuracy": 50.0, "length_normalized_accuracy": 100.0}
+    assert metrics.rank_classification(targets, scores) == {"accuracy": 50.0, "length_normalized_accuracy": 100.0,
+                                                            "chance_accuracy": 50.0}
+
+
+def test_rank_classification_chance_counts_each_questions_choices():
+    # Question 0 has 3 choices (chance 1/3), question 1 has 2 (chance 1/2): mean 5/12.
+    targets = [(0, True, 1), (0, False, 1), (0, False, 1), (1, False, 1), (1, True, 1)]
+    result = metrics.rank_classification(targets, [0.0, -1.0, -2.0, 0.0, -1.0])
+    assert result["accuracy"] == 50.0 and result["chance_accuracy"] == pytest.approx(100 * 5 / 12)
+
+
+def test_target_perplexity_is_per_target_not_per_token():
+    # log p of the two targets: -log 2 and -log 8 -> mean -log 4 -> perplexity 4, whatever their lengths.
+    result = metrics.target_perplexity(["a", "a much longer target"], [-math.log(2), -math.log(8)])
+    assert result["target_perplexity"] == pytest.approx(4.0)
 
 
 def test_last_word_accuracy_ignores_punctuation_and_takes_the_first_word():

@@ -1,5 +1,6 @@
 """The Colab notebooks run top to bottom on a CPU (nbclient), with their small parameters."""
 
+import json
 import os
 
 import nbformat
@@ -20,3 +21,17 @@ def test_quickstart_notebook_trains_decodes_and_evaluates(tmp_path):
     assert printed.count("prediction:") == 3
     assert "wikitext2_span_corruption" in printed and "token_accuracy" in printed
     assert os.path.exists(tmp_path / "run" / "eval" / "step_20.json")
+
+
+@pytest.mark.slow
+def test_finetune_notebook_adds_a_task_fine_tunes_and_evaluates(tmp_path):
+    notebook = nbformat.read(os.path.join(REPO, "colab", "finetune_new_task.ipynb"), as_version=4)
+    parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    parameters.source += f"\nWORK_DIR = {str(tmp_path / 'work')!r}\nPRETRAIN_STEPS = 5\nFINETUNE_STEPS = 10\n"
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
+    printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "train: " in printed and "validation: " in printed
+    assert f"fine-tuning from {tmp_path / 'work' / 'pretrain' / 'checkpoints' / '5'}" in printed
+    with open(tmp_path / "work" / "finetune" / "eval" / "step_10.json") as f:
+        results = json.load(f)["tasks"]["animal_or_fruit"]
+    assert 0.0 <= results["accuracy"] <= 100.0 and results["loss"] > 0

@@ -11,7 +11,10 @@ Tasks (registered on import; files are read only when a split is used):
     sst2                 "sst2 sentence: ..." -> "positive" | "negative"    train, validation
     multi30k_en_de       "translate English to German: ..." -> German       train, validation, test
     squad_v1_1           "question: ... context: ..." -> first answer     train, validation
-                         (the public dev set split 80/20 by article, so no context is shared)
+                         (the public dev set split 80/20 by article, so no context is shared);
+                         metric: EM / F1, each the max over all reference answers of a question
+
+The zero-shot benchmarks over the same directory (ARC, LAMBADA) are in zero_shot.py.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import functools
 import gzip
 import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import gin
 import seqio
@@ -43,7 +48,7 @@ def downstream_data_dir(path: str | None = None) -> str:
     return directory
 
 
-def _data_file(*parts: str) -> str:
+def data_file(*parts: str) -> str:
     path = os.path.join(downstream_data_dir(), *parts)
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist: check {DATA_DIR_ENV} (the layout is in t5lite/data/downstream.py).")
@@ -51,7 +56,7 @@ def _data_file(*parts: str) -> str:
 
 
 def _sst2_records(split: str) -> list[dict[str, str]]:
-    path = _data_file("sst2", {"train": "train.tsv", "validation": "dev.tsv"}[split])
+    path = data_file("sst2", {"train": "train.tsv", "validation": "dev.tsv"}[split])
     with open(path, encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     return [{"inputs": f"sst2 sentence: {r['sentence'].strip()}",
@@ -60,9 +65,9 @@ def _sst2_records(split: str) -> list[dict[str, str]]:
 
 def _multi30k_records(split: str) -> list[dict[str, str]]:
     stem = {"train": "train", "validation": "val", "test": "test_2016_flickr"}[split]
-    with gzip.open(_data_file("multi30k", f"{stem}.en.gz"), "rt", encoding="utf-8") as f:
+    with gzip.open(data_file("multi30k", f"{stem}.en.gz"), "rt", encoding="utf-8") as f:
         english = [line.strip() for line in f]
-    with gzip.open(_data_file("multi30k", f"{stem}.de.gz"), "rt", encoding="utf-8") as f:
+    with gzip.open(data_file("multi30k", f"{stem}.de.gz"), "rt", encoding="utf-8") as f:
         german = [line.strip() for line in f]
     if len(english) != len(german):
         raise UserError(f"multi30k {stem}: {len(english)} English but {len(german)} German lines.")
@@ -71,7 +76,7 @@ def _multi30k_records(split: str) -> list[dict[str, str]]:
 
 
 def _squad_records(split: str) -> list[dict[str, str]]:
-    with open(_data_file("squad_v1.1", "dev-v1.1.json"), encoding="utf-8") as f:
+    with open(data_file("squad_v1.1", "dev-v1.1.json"), encoding="utf-8") as f:
         articles = json.load(f)["data"]
     records = []
     for article in articles:
@@ -85,7 +90,15 @@ def _squad_records(split: str) -> list[dict[str, str]]:
     return records
 
 
-def _records_source(records_fn, splits: tuple[str, ...]) -> seqio.FunctionDataSource:
+def _tensor(values: list) -> tf.Tensor:
+    """A column of records: int64 if its values are ints (e.g. ids, labels), else strings."""
+    dtype = tf.int64 if values and isinstance(values[0], int) else tf.string
+    return tf.constant(values, dtype, shape=[len(values)])
+
+
+def records_source(records_fn, splits: tuple[str, ...]) -> seqio.FunctionDataSource:
+    """A seqio source over records_fn(split) -> list of {feature: str | int}, read once per data dir."""
+
     @functools.cache
     def cached(data_dir: str, split: str):  # keyed by the directory: a new one is read afresh
         del data_dir  # records_fn reads the current downstream_data_dir()
@@ -95,21 +108,32 @@ def _records_source(records_fn, splits: tuple[str, ...]) -> seqio.FunctionDataSo
         records = cached(downstream_data_dir(), split)
         keys = list(records[0]) if records else ["inputs", "targets"]
         dataset = tf.data.Dataset.from_tensor_slices(
-            {k: tf.constant([r[k] for r in records], tf.string, shape=[len(records)]) for k in keys})
+            {k: _tensor([r[k] for r in records]) for k in keys})
         return dataset.shuffle(len(records), seed=seed) if shuffle_files and records else dataset
 
     return seqio.FunctionDataSource(dataset_fn, splits=splits)
+
+
+def squad_references(target: str, example: Mapping[str, Any] | None = None, is_target: bool = False):
+    """seqio postprocess_fn of squad_v1_1: a target -> every reference answer of its question (the
+    `answers` feature, a JSON list), so metrics.squad takes the max over them as the official script
+    does; a prediction is left as decoded."""
+    if not is_target:
+        return target
+    answers = example["answers"]
+    return json.loads(answers.decode("utf-8") if isinstance(answers, bytes) else answers)
 
 
 def register_downstream_tasks() -> None:
     for name, records_fn, splits, metric_fns in (
         ("sst2", _sst2_records, ("train", "validation"), [metrics.accuracy]),
         ("multi30k_en_de", _multi30k_records, ("train", "validation", "test"), [metrics.bleu]),
-        # SQuAD's metric needs every reference answer per example: not wired yet.
-        ("squad_v1_1", _squad_records, tuple(SQUAD_SPLITS), []),
     ):
-        tasks.add_supervised_task(name, _records_source(records_fn, splits), inputs_field="inputs",
+        tasks.add_supervised_task(name, records_source(records_fn, splits), inputs_field="inputs",
                                   targets_field="targets", metric_fns=metric_fns)
+    tasks.add_supervised_task("squad_v1_1", records_source(_squad_records, tuple(SQUAD_SPLITS)),
+                              inputs_field="inputs", targets_field="targets", keep_fields=("answers", "id"),
+                              metric_fns=[metrics.squad], postprocess_fn=squad_references)
 
 
 register_downstream_tasks()

@@ -135,12 +135,23 @@ def token_perplexity(vocabulary: seqio.Vocabulary, add_eos: bool = True) -> Call
     return perplexity
 
 
+def target_perplexity(targets: Sequence[str], scores: Sequence[float]) -> Metrics:
+    """exp(-mean over examples of log p(target)): the perplexity per target (e.g. per LAMBADA word,
+    as lm-evaluation-harness reports it), independent of how many tokens a target has."""
+    _check_lengths(targets, scores)
+    if not len(scores):
+        raise UserError("target_perplexity: no scores.")
+    return {"target_perplexity": float(np.exp(-np.mean(scores)))}
+
+
 def rank_classification(targets: Sequence[tuple[int, bool, int]], scores: Sequence[float]) -> Metrics:
     """Multiple choice by likelihood. One scored row per (question, choice).
 
     targets: (question_id, is_correct, choice_bytes) per row; the prediction for a question is
     its highest-scoring choice. accuracy ranks by log p(choice); length_normalized_accuracy
-    ranks by log p(choice) / choice_bytes (favours no length, as lm-evaluation-harness acc_norm).
+    ranks by log p(choice) / choice_bytes (favours no length, as lm-evaluation-harness acc_norm);
+    chance_accuracy is the expected accuracy of a uniformly random pick among a question's rows,
+    the baseline to read both against (25 for four choices).
     """
     _check_lengths(targets, scores)
     questions: dict[int, list[tuple[float, float, bool]]] = collections.defaultdict(list)
@@ -148,8 +159,10 @@ def rank_classification(targets: Sequence[tuple[int, bool, int]], scores: Sequen
         questions[int(question_id)].append((float(score), float(score) / max(int(choice_bytes), 1), bool(is_correct)))
     plain = [choices[int(np.argmax([c[0] for c in choices]))][2] for choices in questions.values()]
     normalized = [choices[int(np.argmax([c[1] for c in choices]))][2] for choices in questions.values()]
+    chance = [np.mean([c[2] for c in choices]) for choices in questions.values()]
     return {"accuracy": 100.0 * float(np.mean(plain)),
-            "length_normalized_accuracy": 100.0 * float(np.mean(normalized))}
+            "length_normalized_accuracy": 100.0 * float(np.mean(normalized)),
+            "chance_accuracy": 100.0 * float(np.mean(chance))}
 
 
 def rank_classification_target(target: str, example: Mapping[str, Any] | None = None, is_target: bool = False):

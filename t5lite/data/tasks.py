@@ -127,11 +127,15 @@ def add_supervised_task(
     targets_field: str,
     metric_fns: Sequence[Callable] = (),
     extra_preprocessors: Sequence[Callable[..., tf.data.Dataset]] = (),
+    keep_fields: Sequence[str] = (),
+    postprocess_fn: Callable | None = None,
 ) -> seqio.Task:
     """Registers an (inputs -> targets) Task, e.g. prompt -> response or sentence -> label.
 
     Both features get EOS; seqio truncates to the task feature lengths. The pretokenized text
     is kept (inputs_pretokenized, targets_pretokenized) for metrics that compare strings.
+    keep_fields: further source fields kept under their names (the rest are dropped), for a
+      postprocess_fn that builds metric targets from them (e.g. every reference answer).
     """
     if name in seqio.TaskRegistry.names():
         return seqio.TaskRegistry.get(name)
@@ -143,10 +147,12 @@ def add_supervised_task(
                          "targets": seqio.Feature(vocabulary, add_eos=True)},
         preprocessors=[
             *extra_preprocessors,
-            functools.partial(seqio.preprocessors.rekey, key_map={"inputs": inputs_field, "targets": targets_field}),
+            functools.partial(seqio.preprocessors.rekey, key_map={"inputs": inputs_field, "targets": targets_field,
+                                                                  **{f: f for f in keep_fields}}),
             seqio.preprocessors.tokenize,
             seqio.preprocessors.append_eos_after_trim,
         ],
+        postprocess_fn=postprocess_fn,
         metric_fns=list(metric_fns),
     )
 
