@@ -125,7 +125,8 @@ class InferenceEvaluator:
             feature_converter=eval_feature_converter(model, "inputs" in provider.output_features),
             sequence_length=lengths, num_examples=num_examples, seed=seed, async_compute_metrics=False,
         )
-        self._predict = jax.jit(functools.partial(model.predict_batch, config=self.decode_config))
+        self._predict = jax.jit(functools.partial(model.predict_batch, config=self.decode_config,
+                                                  bidirectional_prompt=not self.causal_scoring))
         self._score = jax.jit(model.score_batch)
 
     def _score_features(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -157,8 +157,12 @@ def infer(
     num_examples: int | None = None,
     partitioning_preset: str = "dp",
     seed: int = 0,
+    prefix_lm: bool = False,
 ) -> str:
-    """Writes (or completes) output_path; -> its path. Give input_file or task_name."""
+    """Writes (or completes) output_path; -> its path. Give input_file or task_name.
+
+    prefix_lm: a decoder-only model was trained as a prefix LM (train.prefix_lm=True): its prompt
+    is attended both ways when decoding and scoring; False: causally, as a causal LM was trained."""
     if mode not in MODES:
         raise UserError(f"infer.mode={mode!r}; choose one of {MODES}.")
     if (input_file is None) == (task_name is None):
@@ -200,9 +204,11 @@ def infer(
     params = evaluation.restore_params(checkpoints_dir, step, init.abstract_state.params)
     if mode == "predict":
         config = dataclasses.replace(DecodeConfig(), max_decode_length=lengths["targets"])
-        run = jax.jit(functools.partial(model.predict_batch, config=config))
+        run = jax.jit(functools.partial(model.predict_batch, config=config, bidirectional_prompt=prefix_lm))
     else:
-        run = jax.jit(model.score_batch)
+        score = jax.jit(model.score_batch)
+        causal = not (prefix_lm or model.config.is_encoder_decoder)
+        run = lambda params, batch: score(params, evaluation.without_prefix_attention(batch) if causal else batch)  # noqa: E731
 
     features = _model_features([e for _, e in todo], vocabulary, model, lengths)
     rng = jax.random.PRNGKey(seed)

@@ -53,8 +53,8 @@ def _prompt_batch():
     return {"decoder_input_tokens": tokens, "decoder_causal_attention": causal}
 
 
-def _predict(model, params, batch, config, rng=None):
-    fn = jax.jit(lambda p, b, r: model.predict_batch(p, b, config, r))
+def _predict(model, params, batch, config, rng=None, bidirectional_prompt=True):
+    fn = jax.jit(lambda p, b, r: model.predict_batch(p, b, config, r, bidirectional_prompt=bidirectional_prompt))
     tokens, scores = fn(params, batch, rng)
     return np.asarray(tokens), np.asarray(scores)
 
@@ -119,6 +119,16 @@ def test_cached_greedy_with_prefix_lm_prompts_equals_full_forward_greedy_decoder
 
     np.testing.assert_allclose(scores, score(prefix_lm=True), rtol=1e-4, atol=1e-4)
     assert np.abs(scores - score(prefix_lm=False)).max() > 1e-3
+
+
+def test_causal_lm_prompts_are_attended_causally_when_asked():
+    model, params = _decoder_only()
+    config = DecodeConfig(max_decode_length=MAX_NEW, eos_id=63)
+    tokens, scores = _predict(model, params, _prompt_batch(), config, bidirectional_prompt=False)
+    expected = _greedy_by_full_forward(model, params, _prompt_batch(), [[5, 9], [7, 3, 11, 20]], MAX_NEW, eos_id=63)
+    np.testing.assert_array_equal(tokens, expected)
+    _, bidirectional_scores = _predict(model, params, _prompt_batch(), config)
+    assert np.abs(scores - bidirectional_scores).max() > 1e-3
 
 
 def test_causal_lm_without_a_prefix_mask_decodes_from_bos_like_the_full_forward():

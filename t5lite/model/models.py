@@ -183,14 +183,15 @@ class Model:
         return -jnp.sum(nll * weights.astype(jnp.float32), axis=1)
 
     def predict_batch(
-        self, params, batch: Batch, config: decoding.DecodeConfig, rng: Array | None = None
+        self, params, batch: Batch, config: decoding.DecodeConfig, rng: Array | None = None,
+        bidirectional_prompt: bool = True,
     ) -> tuple[Array, Array]:
         """Decodes each row: -> (tokens [batch, config.max_decode_length] int32, scores [batch]).
 
         Encoder-decoder: conditions on encoder_input_tokens. Decoder-only: the prompt is the part
         of decoder_input_tokens marked by decoder_causal_attention (seqio's prefix-LM features;
-        attended both ways, as logits() and score_batch() attend it), or just BOS without it; tokens
-        are the continuation after it.
+        attended both ways, as logits() and score_batch() attend it, unless bidirectional_prompt is
+        False: a causal LM's), or just BOS without it; tokens are the continuation after it.
         Generated tokens end with EOS (then zeros). Scores: see decoding.decode.
         """
         if self.config.is_encoder_decoder:
@@ -201,8 +202,9 @@ class Model:
         else:
             tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
             batch_size = tokens.shape[0]
-            prefix_lm = "decoder_causal_attention" in batch
-            if prefix_lm:
+            has_prompt = "decoder_causal_attention" in batch
+            prefix_lm = has_prompt and bidirectional_prompt
+            if has_prompt:
                 prompt_mask = jnp.asarray(batch["decoder_causal_attention"], jnp.int32)
                 prompt, prompt_lengths = tokens * prompt_mask, jnp.sum(prompt_mask, axis=1)
             else:
