@@ -24,19 +24,14 @@ from t5lite.errors import UserError
 from t5lite.model import flops
 from t5lite.model.config import TransformerConfig
 
-# Dense bfloat16 FLOP/s per chip (per GPU), from the vendors' datasheets. Keys are matched as
-# substrings of jax's device_kind, most specific first ("TPU v5 lite" is v5e, "TPU v5" is v5p).
-PEAK_FLOPS_BY_DEVICE_KIND: tuple[tuple[str, float], ...] = (
-    ("TPU v6 lite", 918e12),  # v6e (Trillium)
-    ("TPU v6e", 918e12),
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
-    ("H100", 989e12),  # SXM, dense (no sparsity)
-    ("A100", 312e12),
-)
+# Dense bfloat16 FLOP/s per chip (per GPU), from the vendors' datasheets (precompile.py uses them too).
+PEAK_BF16_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12,
+                   "H100": 989e12,  # SXM, dense (no sparsity)
+                   "A100": 312e12}
+# jax's device_kind -> a key of PEAK_BF16_FLOPS, matched as substrings, most specific first
+# ("TPU v5 lite" is a v5e, "TPU v5" alone a v5p).
+DEVICE_KINDS = (("TPU v6 lite", "v6e"), ("TPU v6e", "v6e"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"),
+                ("TPU v5p", "v5p"), ("TPU v5", "v5p"), ("TPU v4", "v4"), ("H100", "H100"), ("A100", "A100"))
 
 
 @functools.cache
@@ -63,9 +58,9 @@ def peak_flops_per_device(device_kind: str, platform: str, override: float | Non
     table, else (CPU) a measured matmul. Raises UserError for an accelerator the table lacks."""
     if override:
         return float(override)
-    for key, peak in PEAK_FLOPS_BY_DEVICE_KIND:
-        if key.lower() in device_kind.lower():
-            return peak
+    for kind, chip in DEVICE_KINDS:
+        if kind.lower() in device_kind.lower():
+            return PEAK_BF16_FLOPS[chip]
     if platform == "cpu":
         return measured_cpu_peak()
     raise UserError(f"No peak FLOP/s known for device kind {device_kind!r}; set it with "
@@ -80,11 +75,6 @@ def total_peak_flops(devices: Sequence[jax.Device]) -> float:
     if first.platform == "cpu":
         return per_device * len({d.process_index for d in devices})
     return per_device * len(devices)
-
-
-def mfu(step_flops: float, step_seconds: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation: (model FLOPs per step / seconds per step) / peak FLOP/s of all devices."""
-    return step_flops / step_seconds / peak_flops
 
 
 def memory_in_use_bytes(device: jax.Device) -> float:
@@ -202,7 +192,7 @@ class IntervalTimer:
         step_seconds is wall time per step, data wait included: MFU is what the run achieved."""
         step_s = elapsed_s / steps
         out = {"step_seconds": step_s, "data_wait_seconds": self.data_wait_s / steps,
-               "mfu": mfu(self.step_flops, step_s, self.peak_flops),
+               "mfu": self.step_flops / step_s / self.peak_flops,
                "memory_bytes_in_use": memory_in_use_bytes(device)}
         self.data_wait_s = 0.0
         return out

@@ -6,6 +6,7 @@ import os
 from types import SimpleNamespace
 
 import gin
+import jax
 import pytest
 
 from t5lite import observability
@@ -39,8 +40,13 @@ def test_mfu_matches_a_hand_computation():
     assert forward == 26944
     step_flops = observability.train_step_flops(config, shapes)
     assert step_flops == 3 * forward
-    # 80832 FLOPs in 1 ms on a 1e8 FLOP/s device is 80.832% of its peak.
-    assert observability.mfu(step_flops, 1e-3, 1e8) == pytest.approx(0.80832)
+    # 2 steps of 80832 FLOPs in 2 ms on a 1e8 FLOP/s device: 80.832% of its peak.
+    timer = observability.IntervalTimer(step_flops, peak_flops=1e8)
+    timer.add_data_wait(5e-4)
+    metrics = timer.metrics(steps=2, elapsed_s=2e-3, device=jax.devices()[0])
+    assert metrics["mfu"] == pytest.approx(0.80832)
+    assert metrics["step_seconds"] == pytest.approx(1e-3) and metrics["data_wait_seconds"] == pytest.approx(2.5e-4)
+    assert timer.metrics(steps=1, elapsed_s=1.0, device=jax.devices()[0])["data_wait_seconds"] == 0  # reset
 
 
 @pytest.mark.parametrize("kind,peak", [("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
