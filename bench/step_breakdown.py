@@ -73,7 +73,6 @@ def pieces(config, batch_size: int, inputs: int, targets: int):
 
     def attention(xq, xkv, bias):
         mha = layers.MultiHeadAttention(h, d, dt)
-        bias = (bias,)
         p = mha.init(key, xq, xkv, bias, True)["params"]
         fn = jax.jit(jax.grad(lambda p, q, kv, b: jnp.sum(mha.apply({"params": p}, q, kv, b, True)), argnums=(0, 1, 2)))
         return fn, (p, xq, xkv, bias)
