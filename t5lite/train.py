@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from t5lite import checkpoints, evaluation, gin_cli, observability, partitioning, preemption, trainer
+from t5lite import checkpoints, evaluation, fileio, gin_cli, observability, partitioning, preemption, trainer
 from t5lite.data import pipeline  # registers the tasks and their gin configurables before parsing
 from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
@@ -45,16 +45,16 @@ from t5lite.summaries import MetricsWriter, format_duration, progress_line
 
 def ensure_writable_dir(path: str) -> str:
     """Creates `path` and proves it writable before any compute is spent."""
-    path = os.path.abspath(path)
+    path = fileio.absolute(path)
     try:
-        os.makedirs(path, exist_ok=True)
+        fileio.makedirs(path)
         probe = os.path.join(path, f".write_test-{uuid.uuid4().hex}")  # hosts sharing MODEL_DIR must not race
-        with open(probe, "w") as f:
+        with fileio.open_file(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
-    except OSError as e:
+        fileio.remove(probe)
+    except fileio.ERRORS as e:
         raise UserError(
-            f"MODEL_DIR {path!r} is not writable ({e.strerror}). Choose another directory with "
+            f"MODEL_DIR {path!r} is not writable ({getattr(e, 'strerror', None) or e}). Choose another directory with "
             "--gin.MODEL_DIR=\\\"path\\\"."
         ) from e
     return path
@@ -70,7 +70,7 @@ class TrainResult:
 
 def write_operative_config(model_dir: str) -> None:
     """MODEL_DIR/operative_config.gin: every parameter value the run has used, defaults included."""
-    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+    with fileio.open_file(os.path.join(model_dir, "operative_config.gin"), "w") as f:
         f.write(gin.operative_config_str())
 
 
@@ -83,7 +83,7 @@ def data_model_type(config: TransformerConfig, prefix_lm: bool) -> str:
 def write_model_info(path: str, config: TransformerConfig, rows: Sequence[Mapping[str, Any]], mesh, rules) -> int:
     """Writes MODEL_DIR/model-info.txt (config, parameter table with shardings); returns #params."""
     total = sum(int(np.prod(r["shape"])) for r in rows)
-    with open(path, "w") as f:
+    with fileio.open_file(path, "w") as f:
         f.write(f"{config}\ncompute dtype: {config.compute_dtype}\n\nparameters: {total:,}\n"
                 f"mesh: {dict(mesh.shape)}\nrules: {rules}\n\n")
         f.write(f"{'name':70s} {'shape':22s} {'logical axes':40s} {'mesh axes':28s} bytes/device\n")
@@ -255,7 +255,7 @@ def train(
         early_stopping=evaluation.EarlyStopping(early_stopping_metric, early_stopping_patience, early_stopping_mode)
         if early_stopping_metric else None, verbose=is_chief)
     if is_chief:
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        with fileio.open_file(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())  # every binding as parsed (files + --gin. flags)
         print(f"t5lite: {config.architecture}, {num_params:,} parameters, mesh {dict(mesh.shape)}, "
               f"preset {partitioning_preset!r}, batch {batch_size}, lengths {dict(task_feature_lengths)}, "
@@ -289,7 +289,7 @@ def train(
                 if is_chief:
                     print(f"Compiled the train step in {format_duration(compile_seconds)}", flush=True)
             if write_host_records:
-                with open(os.path.join(model_dir, f"host-{jax.process_index()}.jsonl"), "a") as f:
+                with fileio.open_file(os.path.join(model_dir, f"host-{jax.process_index()}.jsonl"), "a") as f:
                     f.write(json.dumps({"step": step + 1, "loss": float(metrics["loss"]),
                                         "rows": pipeline.row_fingerprints(batch)}) + "\n")
             pending_metrics.append(metrics)
@@ -362,7 +362,7 @@ def train(
         return TrainResult(model_dir=model_dir, step=int(state.step), eval_results=eval_results,
                            exit_code=stop_request.exit_code)
     if is_chief:
-        with open(os.path.join(model_dir, "eval_results.json"), "w") as f:
+        with fileio.open_file(os.path.join(model_dir, "eval_results.json"), "w") as f:
             json.dump({"step": int(state.step), "tasks": eval_results}, f, indent=2)
     return TrainResult(model_dir=model_dir, step=int(state.step), eval_results=eval_results)
 
