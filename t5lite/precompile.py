@@ -41,6 +41,7 @@ from t5lite.errors import UserError
 from t5lite.model import flops
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model
+from t5lite.observability import PEAK_BF16_FLOPS
 from t5lite.optim import make_optimizer
 from t5lite.train import data_model_type, train
 
@@ -55,10 +56,10 @@ class TpuChip:
 GIB = 2**30
 # Published per-chip figures: peak bf16 dense FLOP/s, HBM capacity and bandwidth.
 TPU_CHIPS = {
-    "v4": TpuChip(275e12, 32 * GIB, 1228e9),
-    "v5e": TpuChip(197e12, 16 * GIB, 819e9),
-    "v5p": TpuChip(459e12, 95 * GIB, 2765e9),
-    "v6e": TpuChip(918e12, 32 * GIB, 1640e9),
+    "v4": TpuChip(PEAK_BF16_FLOPS["v4"], 32 * GIB, 1228e9),
+    "v5e": TpuChip(PEAK_BF16_FLOPS["v5e"], 16 * GIB, 819e9),
+    "v5p": TpuChip(PEAK_BF16_FLOPS["v5p"], 95 * GIB, 2765e9),
+    "v6e": TpuChip(PEAK_BF16_FLOPS["v6e"], 32 * GIB, 1640e9),
 }
 
 

@@ -20,13 +20,15 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(step: int, total: int, metrics: Mapping[str, float], rates: Mapping[str, float], eta_s: float) -> str:
-    """e.g. 'step  100/1000 | loss 4.3210 | acc 0.231 | lr 1.00e-02 | 2.31 steps/s | 12.3k tok/s | ETA 6m30s'."""
+    """e.g. 'step  100/1000 | loss 4.3210 | acc 0.231 | lr 1.00e-02 | 2.31 steps/s | 12.3k tok/s (9.8k real) |
+    MFU 41.2% | ETA 6m30s' (MFU when `rates` has it)."""
     width = len(str(total))
+    mfu = f"MFU {rates['mfu']:.1%} | " if "mfu" in rates else ""
     return (
         f"step {step:>{width}d}/{total} | loss {metrics['loss']:.4f} | acc {metrics['accuracy']:.3f} | "
         f"lr {metrics['learning_rate']:.2e} | {rates['steps_per_s']:.2f} steps/s | "
         f"{rates['tokens_per_s'] / 1e3:.1f}k tok/s ({rates['real_tokens_per_s'] / 1e3:.1f}k real) | "
-        f"ETA {format_duration(eta_s)}"
+        f"{mfu}ETA {format_duration(eta_s)}"
     )
 
 

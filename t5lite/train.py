@@ -1,6 +1,6 @@
 """Pretrain a t5lite model.
 
-    python -m t5lite.train --gin_file=gin/base.gin [--gin_file=...] [--gin.NAME=VALUE ...]
+    python -m t5lite.train --gin_file=gin/base.gin [--gin_file=...] [--gin.NAME=VALUE ...] [--profile_steps=A:B]
 
 train() reads top to bottom: output directory, mesh, data, model, optimizer, state (fresh or
 resumed), loop (progress, TensorBoard, checkpoints, periodic eval), final checkpoint and eval.
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from t5lite import checkpoints, evaluation, fileio, gin_cli, partitioning, preemption, trainer
+from t5lite import checkpoints, evaluation, fileio, gin_cli, observability, partitioning, preemption, trainer
 from t5lite.data import pipeline  # registers the tasks and their gin configurables before parsing
 from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
@@ -152,6 +152,7 @@ def train(
     early_stopping_metric: str | None = None,
     early_stopping_patience: int = 3,
     early_stopping_mode: str = "min",
+    profile_steps: str | None = None,
 ) -> TrainResult:
     """Trains for `num_train_steps` (resuming from MODEL_DIR's latest checkpoint); returns the final eval.
 
@@ -179,6 +180,7 @@ def train(
     """
     if on_nonfinite not in ("skip", "stop"):
         raise UserError(f"train.on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
+    profile_range = observability.parse_profile_steps(profile_steps)  # a malformed range fails before any work
 
     # --- Output directory --------------------------------------------------------------------
     model_dir = ensure_writable_dir(model_dir)
@@ -260,6 +262,11 @@ def train(
               f"steps {start_step}->{num_train_steps}, MODEL_DIR {model_dir}", flush=True)
 
     # --- Loop ------------------------------------------------------------------------------------------
+    timer = observability.IntervalTimer(
+        observability.train_step_flops(config, model.input_shapes(batch_size, task_feature_lengths)),
+        observability.total_peak_flops(jax.devices()))
+    profiler = observability.StepProfiler(profile_range, os.path.join(model_dir, "profile"), enabled=is_chief)
+    compile_seconds, once = None, {}  # `once`: logged with the first interval only
     dropout_rng = jax.random.PRNGKey(seed + 1)
     t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
     pending_metrics = []
@@ -268,10 +275,19 @@ def train(
     stop_request = preemption.StopRequest()
     with jax.set_mesh(mesh), stop_request:  # (`with mesh:` is deprecated in jax 0.10 and no longer sets it)
         for step in range(start_step, num_train_steps):
-            batch = next(train_batches)
+            batch = observability.timed_next(train_batches, timer)
             real, total = count_real_tokens(batch)
             real_tokens, all_tokens = real_tokens + real, all_tokens + total
+            profiler.before_step(step + 1)
+            compile_clock = observability.CompileClock.read()
             state, metrics = train_step(state, partitioning.shard_batch(batch, mesh), dropout_rng)
+            profiler.after_step(step + 1, metrics)
+            if compile_seconds is None:  # the first call traces and compiles; keep that out of the rates
+                compile_seconds = observability.CompileClock.read() - compile_clock
+                t_interval += compile_seconds
+                once["compile_seconds"] = compile_seconds
+                if is_chief:
+                    print(f"Compiled the train step in {format_duration(compile_seconds)}", flush=True)
             if write_host_records:
                 with fileio.open_file(os.path.join(model_dir, f"host-{jax.process_index()}.jsonl"), "a") as f:
                     f.write(json.dumps({"step": step + 1, "loss": float(metrics["loss"]),
@@ -288,7 +304,9 @@ def train(
                 means["skipped_steps"] = round(means.pop("update_skipped") * len(pending_metrics))
                 elapsed = time.perf_counter() - t_interval
                 rates = {"steps_per_s": steps_in_interval / elapsed,
-                         "tokens_per_s": all_tokens / elapsed, "real_tokens_per_s": real_tokens / elapsed}
+                         "tokens_per_s": all_tokens / elapsed, "real_tokens_per_s": real_tokens / elapsed,
+                         **timer.metrics(steps_in_interval, elapsed, jax.local_devices()[0]), **once}
+                once = {}
                 eta = (num_train_steps - done) / max(rates["steps_per_s"], 1e-9)
                 if is_chief:
                     print(progress_line(done, num_train_steps, means, rates, eta), flush=True)
@@ -324,6 +342,7 @@ def train(
             if stop:
                 break
 
+    profiler.stop()
     if start_step >= num_train_steps:
         eval_results = evaluate(eval_step, state.params, eval_data, mesh)
     else:  # the last state must reach the disk: a failed save is retried, not dropped
@@ -358,10 +377,16 @@ def _mean_metrics(metrics: Sequence[Mapping[str, jax.Array]]) -> dict[str, float
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
+def _profile_flag_as_binding(argv: Sequence[str]) -> list[str]:
+    """--profile_steps=A:B is shorthand for --gin.train.profile_steps='A:B'."""
+    flag = "--profile_steps="
+    return [f"--gin.train.profile_steps={a[len(flag):]!r}" if a.startswith(flag) else a for a in argv]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, bindings = gin_cli.parse_args(argv, description=__doc__)
+        args, bindings = gin_cli.parse_args(_profile_flag_as_binding(argv), description=__doc__)
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         search_paths = [p for p in args.gin_search_paths.split(",") if p]
         gin_cli.parse_gin(args.gin_file, bindings, search_paths)

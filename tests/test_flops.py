@@ -45,8 +45,3 @@ def test_breakdown_parts_and_training_multiple():
     assert b.cross_attention == 2 * (2 * 64 * hd * (2 * 32 + 2 * 96) + 2 * 2 * 2 * 16 * 48 * hd)
     assert flops.train_step_flops(BASE, 2, 48, 16) == 3 * b.forward
     assert flops.mfu(BASE, 2, 48, 16, step_seconds=1.0, peak_flops_per_second=3 * b.forward) == pytest.approx(1.0)
-
-
-def test_measured_matmul_peak_is_positive_and_plausible():
-    peak = flops.measure_matmul_peak(size=256, repeats=3)
-    assert 1e8 < peak < 1e14  # between a slow laptop core and a large accelerator

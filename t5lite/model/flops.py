@@ -75,22 +75,3 @@ def mfu(config: TransformerConfig, batch: int, inputs_length: int, targets_lengt
         peak_flops_per_second: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the hardware peak (all devices)."""
     return train_step_flops(config, batch, inputs_length, targets_length) / step_seconds / peak_flops_per_second
-
-
-def measure_matmul_peak(size: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
-    """FLOP/s of a large jitted matmul on the default device: the practical peak on a CPU,
-    where no datasheet figure applies. Takes the best of `repeats` timings."""
-    import time  # noqa: PLC0415
-
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    a = jnp.ones((size, size), dtype)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best

@@ -1,0 +1,113 @@
+"""MFU, peak table, profile range and the efficiency metrics a training run logs."""
+
+import glob
+import json
+import os
+from types import SimpleNamespace
+
+import gin
+import jax
+import pytest
+
+from t5lite import observability
+from t5lite import train as train_lib
+from t5lite.errors import UserError
+from t5lite.model.config import TransformerConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def test_mfu_matches_a_hand_computation():
+    config = TransformerConfig(vocab_size=32, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16,
+                               num_encoder_layers=1, num_decoder_layers=1)
+    shapes = {"encoder_input_tokens": (2, 4), "decoder_input_tokens": (2, 3)}  # batch 2, 8 enc / 6 dec tokens
+    # Forward FLOPs by hand (2 per multiply-add; heads x head_dim = 8):
+    encoder = (2 * 8 * 8 * (2 * 8 + 2 * 8)  # q, out on 8 tokens; k, v on 8 tokens
+               + 2 * 2 * 2 * 4 * 4 * 8  # scores and values: batch 2, 4 x 4, hd 8
+               + 2 * 8 * 3 * 8 * 16)  # gated MLP: 3 matmuls 8 x 16 on 8 tokens
+    self_attention = 2 * 8 * 8 * (2 * 6 + 2 * 6) + 2 * 2 * 2 * 3 * 3 * 8
+    cross_attention = 2 * 8 * 8 * (2 * 6 + 2 * 8) + 2 * 2 * 2 * 3 * 4 * 8
+    decoder_mlp = 2 * 6 * 3 * 8 * 16
+    logits = 2 * 6 * 8 * 32
+    forward = encoder + self_attention + cross_attention + decoder_mlp + logits
+    assert forward == 26944
+    step_flops = observability.train_step_flops(config, shapes)
+    assert step_flops == 3 * forward
+    # 2 steps of 80832 FLOPs in 2 ms on a 1e8 FLOP/s device: 80.832% of its peak.
+    timer = observability.IntervalTimer(step_flops, peak_flops=1e8)
+    timer.add_data_wait(5e-4)
+    metrics = timer.metrics(steps=2, elapsed_s=2e-3, device=jax.devices()[0])
+    assert metrics["mfu"] == pytest.approx(0.80832)
+    assert metrics["step_seconds"] == pytest.approx(1e-3) and metrics["data_wait_seconds"] == pytest.approx(2.5e-4)
+    assert timer.metrics(steps=1, elapsed_s=1.0, device=jax.devices()[0])["data_wait_seconds"] == 0  # reset
+
+
+@pytest.mark.parametrize("kind,peak", [("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
+                                       ("TPU v6 lite", 918e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                       ("NVIDIA A100-SXM4-40GB", 312e12)])
+def test_peak_table_by_device_kind(kind, peak):
+    assert observability.peak_flops_per_device(kind, "tpu") == peak
+
+
+def test_peak_override_and_unknown_accelerator():
+    assert observability.peak_flops_per_device("TPU v4", "tpu", override=1e12) == 1e12
+    with pytest.raises(UserError, match="peak_flops_per_device.override"):
+        observability.peak_flops_per_device("Some NPU", "npu")
+
+
+def test_cpu_peak_is_measured_once_and_counted_once_per_process():
+    cpu = SimpleNamespace(device_kind="cpu", platform="cpu", process_index=0)
+    peak = observability.measured_cpu_peak()
+    assert 1e8 < peak < 1e14
+    # 8 virtual CPU devices of one process share its cores: the host's peak, not 8x it.
+    assert observability.total_peak_flops([cpu] * 8) == peak
+    tpus = [SimpleNamespace(device_kind="TPU v4", platform="tpu", process_index=i // 4) for i in range(8)]
+    assert observability.total_peak_flops(tpus) == 8 * 275e12
+
+
+@pytest.mark.parametrize("spec,expected", [(None, None), ("", None), ("3:5", (3, 5)), ("4:4", (4, 4))])
+def test_profile_steps_parse(spec, expected):
+    assert observability.parse_profile_steps(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["5", "a:b", "0:2", "5:3", "3:"])
+def test_malformed_profile_steps_is_a_user_error(spec):
+    with pytest.raises(UserError, match="FIRST:LAST"):
+        observability.parse_profile_steps(spec)
+
+
+def test_malformed_profile_flag_fails_before_training(tmp_path, capsys):
+    code = train_lib.main(["--gin_file=gin/base.gin", f"--gin.MODEL_DIR='{tmp_path}'", "--profile_steps=7"])
+    assert code == 2
+    assert "--profile_steps='7'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_training_logs_efficiency_metrics_and_writes_a_profile(tmp_path, capsys):
+    model_dir = str(tmp_path / "run")
+    code = train_lib.main([
+        "--gin_file=gin/base.gin", "--gin_file=gin/models/t5_1_1_tiny.gin",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.BATCH_SIZE=8",
+        f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=6", "--gin.train.log_every=3",
+        "--gin.train.eval_every=100", "--gin.train.eval_batches=1", "--profile_steps=2:3",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        train = [r for r in map(json.loads, f) if r["group"] == "train"]
+    assert [r["step"] for r in train] == [3, 6]
+    for r in train:
+        assert 0 < r["mfu"] <= 1, r
+        assert r["data_wait_seconds"] >= 0 and r["step_seconds"] > r["data_wait_seconds"], r
+        assert r["memory_bytes_in_use"] > 50e6, r  # at least the process's Python + jax
+        assert r["tokens_per_s"] >= r["real_tokens_per_s"] > 0, r
+    assert train[0]["compile_seconds"] > 0 and "compile_seconds" not in train[1]
+    assert "MFU " in out and "Compiled the train step in" in out
+    assert glob.glob(os.path.join(model_dir, "profile", "**", "*.xplane.pb"), recursive=True)
