@@ -244,7 +244,8 @@ def summary_lines(adaptation: Adaptation, state_shapes: Any, model_params_shapes
     if isinstance(adaptation, LoraAdaptation):
         lines[0] += (f"; LoRA rank {adaptation.rank}, alpha {adaptation.alpha:g}, dropout {adaptation.dropout:g} on "
                      f"{len(state_shapes.params['lora'])} kernels {sorted(state_shapes.params['lora'])[:3]}...")
-        base = "float32" if adaptation.base_bits is None else f"int{adaptation.base_bits} ({adaptation.block_size}/scale)"
+        bits = adaptation.base_bits
+        base = "float32" if bits is None else f"int{bits} ({adaptation.block_size}/scale)"
         lines.append(f"base parameters: {_nbytes(model_params_shapes):,} bytes float32 -> "
                      f"{_nbytes(state_shapes.params['base']):,} bytes {base}")
     lines.append(f"train state: params {_nbytes(state_shapes.params):,} bytes, optimizer state "

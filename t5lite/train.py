@@ -335,7 +335,8 @@ def train(
                               flush=True)
                 t_interval = time.perf_counter()  # keep eval time out of the training rates
             if not stop:  # inference eval when due; early stopping ends the run like a stop request
-                stop = monitor.after_step(done, lambda: model_params(state.params), eval_results if evaluated else None)
+                stop = monitor.after_step(done, lambda p=state.params: model_params(p),
+                                          eval_results if evaluated else None)
                 t_interval += monitor.last_seconds  # keep inference eval time out of the training rates
 
             ckpt.save(done, state, train_batches, force=stop or done == num_train_steps,
