@@ -121,8 +121,7 @@ def test_lora_factors_take_their_kernels_logical_axes_and_a_replicated_rank():
     mesh = partitioning.make_mesh()
     init = trainer.make_sharded_init(model, optax.adam(1e-3), model.input_shapes(4, LENGTHS), mesh,
                                      partitioning.axis_rules("fsdp"), LORA)
-    boxed = finetune.LoraAdaptation.lora_logical_shapes(LORA, init.boxed_params_shapes,
-                                                        init.abstract_state.params["lora"])
+    boxed = LORA.lora_logical_shapes(init.boxed_params_shapes, init.abstract_state.params["lora"])
     assert boxed["encoder/layers/attention/query"]["a"].names == ("layers", "embed", "lora_rank")
     assert boxed["encoder/layers/attention/query"]["b"].names == ("layers", "lora_rank", "heads", "kv")
     assert boxed["decoder/layers/mlp/wi_0"]["b"].names == ("layers", "lora_rank", "mlp")
