@@ -235,6 +235,11 @@ def _nbytes(tree: Params) -> int:
                for p in leaves)
 
 
+def _held_bytes(tree: Params) -> int:
+    """Bytes the arrays of a tree occupy (int4 codes one per int8 byte)."""
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
 def summary_lines(adaptation: Adaptation, state_shapes: Any, model_params_shapes: Params) -> list[str]:
     """What is trained and what the state holds, from ShapeDtypeStructs of a TrainState and of the
     model's params: trainable / total parameters, base bytes (before / after quantization), state bytes."""
@@ -246,10 +251,12 @@ def summary_lines(adaptation: Adaptation, state_shapes: Any, model_params_shapes
                      f"{len(state_shapes.params['lora'])} kernels {sorted(state_shapes.params['lora'])[:3]}...")
         bits = adaptation.base_bits
         base = "float32" if bits is None else f"int{bits} ({adaptation.block_size}/scale)"
+        held = _held_bytes(state_shapes.params["base"])
         lines.append(f"base parameters: {_nbytes(model_params_shapes):,} bytes float32 -> "
-                     f"{_nbytes(state_shapes.params['base']):,} bytes {base}")
-    lines.append(f"train state: params {_nbytes(state_shapes.params):,} bytes, optimizer state "
-                 f"{_nbytes(state_shapes.opt_state):,} bytes")
+                     f"{_nbytes(state_shapes.params['base']):,} bytes {base}"
+                     + (f" packed; {held:,} bytes held (int4 codes one per int8)" if bits == 4 else ""))
+    lines.append(f"train state held in memory: params {_held_bytes(state_shapes.params):,} bytes, optimizer state "
+                 f"{_held_bytes(state_shapes.opt_state):,} bytes")
     return lines
 
 
