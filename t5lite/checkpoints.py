@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from t5lite import fileio
 from t5lite.errors import UserError
 
 STATE = "state"
@@ -61,7 +62,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 
     def restore(self, directory: epath.Path, args: DataIteratorRestore) -> CheckpointableIterator:
         prefix = _process_prefix(directory)
-        if not os.path.exists(prefix + ".index"):
+        if not fileio.exists(prefix + ".index"):
             saved = sorted(p.name.split(".")[0] for p in directory.iterdir() if p.name.endswith(".index"))
             raise UserError(
                 f"{directory} holds the input-pipeline positions {saved}, none for this process "
@@ -91,7 +92,7 @@ class PinnedSteps(ocp.checkpoint_managers.PreservationPolicy):
     directory: str
 
     def should_preserve(self, checkpoints, *, context) -> list[bool]:
-        return [os.path.exists(os.path.join(self.directory, str(c.step), PINNED)) for c in checkpoints]
+        return [fileio.exists(os.path.join(self.directory, str(c.step), PINNED)) for c in checkpoints]
 
 
 class Checkpointer:
@@ -103,7 +104,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, save_every: int, keep: int | None = 3, async_save: bool = True,
                  best_metric: str | None = None, best_mode: str = "min"):
-        self.directory = os.path.abspath(directory)
+        self.directory = fileio.absolute(directory)
         self.save_every = save_every
         self._step_in_flight: int | None = None
         if best_mode not in ("min", "max"):
@@ -169,7 +170,7 @@ class Checkpointer:
 
     def pin(self, step: int) -> None:
         """Keeps `step` whatever the keep policy says (until its PINNED file is removed)."""
-        with open(os.path.join(self.directory, str(step), PINNED), "w") as f:
+        with fileio.open_file(os.path.join(self.directory, str(step), PINNED), "w") as f:
             f.write("kept by Checkpointer.pin; delete this file to let the keep policy decide\n")
 
     def restore(self, step: int, abstract_state: Any, data_iterator: CheckpointableIterator | None = None) -> Any:
@@ -228,7 +229,7 @@ class Checkpointer:
     def _restore(self, step: int, abstract_state: Any, data_iterator: CheckpointableIterator | None) -> Any:
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            if os.path.isdir(os.path.join(self.directory, str(step), DATA_ITERATOR)):
+            if fileio.isdir(os.path.join(self.directory, str(step), DATA_ITERATOR)):
                 items[DATA_ITERATOR] = DataIteratorRestore(data_iterator)
             else:
                 print(f"WARNING: checkpoint {self.directory}/{step} holds no input-pipeline position; the data "
@@ -240,7 +241,7 @@ class Checkpointer:
         print(f"WARNING: checkpoint {path} is unreadable ({type(error).__name__}: {_first_line(error)}); "
               f"using step {used_step} and renaming it {path}.unreadable", file=sys.stderr, flush=True)
         if jax.process_index() == 0:
-            os.replace(path, _unused_path(path + ".unreadable"))
+            fileio.rename(path, _unused_path(path + ".unreadable"))
         ocp.multihost.sync_global_processes(f"t5lite_set_aside_{step}")
         self._manager.reload()
 
@@ -263,7 +264,7 @@ def _first_line(error: Exception) -> str:
 
 def _unused_path(path: str) -> str:
     candidate, n = path, 1
-    while os.path.exists(candidate):
+    while fileio.exists(candidate):
         candidate, n = f"{path}.{n}", n + 1
     return candidate
 
@@ -273,8 +274,8 @@ def read_params(checkpoint: str) -> dict:
 
     Only the params are read (not the optimizer state), and the model's configuration is not needed.
     """
-    path = os.path.join(os.path.abspath(checkpoint), STATE)
-    if not os.path.isdir(path):
+    path = os.path.join(fileio.absolute(checkpoint), STATE)
+    if not fileio.isdir(path):
         raise UserError(f"{checkpoint} is not a t5lite checkpoint (no {STATE}/ inside); pass "
                         "MODEL_DIR/checkpoints/<step>.")
     with ocp.PyTreeCheckpointer() as checkpointer:
@@ -287,8 +288,8 @@ def read_params(checkpoint: str) -> dict:
 
 def read_step(checkpoint: str) -> int:
     """The train step a checkpoint (MODEL_DIR/checkpoints/<step>) was saved at, read from its state."""
-    path = os.path.join(os.path.abspath(checkpoint), STATE)
-    if not os.path.isdir(path):
+    path = os.path.join(fileio.absolute(checkpoint), STATE)
+    if not fileio.isdir(path):
         raise UserError(f"{checkpoint} is not a t5lite checkpoint (no {STATE}/ inside); pass "
                         "MODEL_DIR/checkpoints/<step>.")
     with ocp.PyTreeCheckpointer() as checkpointer:

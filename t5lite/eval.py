@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import gin
 import jax
 
-from t5lite import evaluation, gin_cli, partitioning, trainer
+from t5lite import evaluation, fileio, gin_cli, partitioning, trainer
 from t5lite.data import pipeline
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
@@ -70,7 +70,7 @@ class CheckpointEvaluator:
         self.eval_step = jax.jit(partitioning.with_sharding_rules(eval_step, self.mesh, rules),
                                  in_shardings=(init.state_shardings.params, partitioning.batch_sharding(self.mesh)))
         self.output_dir = output_dir
-        os.makedirs(output_dir, exist_ok=True)
+        fileio.makedirs(output_dir)
 
     def results_path(self, step: int) -> str:
         return os.path.join(self.output_dir, f"step_{step}.json")
@@ -87,7 +87,7 @@ class CheckpointEvaluator:
             writer.write(task, step, metrics)
             print(f"step {step} {task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         writer.close()
-        with open(self.results_path(step), "w") as f:
+        with fileio.open_file(self.results_path(step), "w") as f:
             json.dump({"step": step, "checkpoint": os.path.join(checkpoints_dir, str(step)), "tasks": results,
                        "seconds": time.perf_counter() - t0}, f, indent=2)
         return results
@@ -136,7 +136,7 @@ def evaluate(
     last_new = time.monotonic()
     while watch_timeout_s is None or time.monotonic() - last_new < watch_timeout_s:
         # Steps with a results file were evaluated by an earlier run: a restarted watcher resumes.
-        new = [s for s in evaluation.checkpoint_steps(checkpoints_dir) if not os.path.exists(evaluator.results_path(s))]
+        new = [s for s in evaluation.checkpoint_steps(checkpoints_dir) if not fileio.exists(evaluator.results_path(s))]
         for s in new:
             all_results[s] = evaluator.evaluate(checkpoints_dir, s)
             last_new = time.monotonic()

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import seqio
 import tensorflow as tf
 
-from t5lite import checkpoints
+from t5lite import checkpoints, fileio
 from t5lite.data import pipeline
 from t5lite.errors import UserError
 from t5lite.model.decoding import DecodeConfig
@@ -32,13 +32,13 @@ Results = dict[str, dict[str, float]]  # task -> metric -> value
 
 def resolve_checkpoint_path(path: str) -> tuple[str, int | None]:
     """CHECKPOINT_PATH -> (checkpoints directory, step or None for 'the latest / every one')."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = fileio.absolute(path).rstrip("/")
+    if not fileio.isdir(path):
         raise UserError(f"CHECKPOINT_PATH {path!r} does not exist. Pass MODEL_DIR/checkpoints/<step> or a MODEL_DIR.")
     name = os.path.basename(path)
     if name.isdigit():
         return os.path.dirname(path), int(name)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if fileio.isdir(os.path.join(path, "checkpoints")):
         return os.path.join(path, "checkpoints"), None
     return path, None
 

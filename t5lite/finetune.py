@@ -30,7 +30,6 @@ if __name__ == "__main__":
 import argparse
 import dataclasses
 import functools
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -43,7 +42,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from t5lite import partitioning, peft
+from t5lite import fileio, partitioning, peft
 from t5lite.errors import UserError
 
 Params = Any
@@ -274,20 +273,21 @@ def export_merged(model_dir: str, output: str, *, step: int | None = None) -> st
     from t5lite.model.models import Model
     from t5lite.optim import make_optimizer
 
-    config_path = os.path.join(model_dir, "config.gin")
-    if not os.path.exists(config_path):
+    config_path = fileio.join(model_dir, "config.gin")
+    if not fileio.exists(config_path):
         raise UserError(f"{config_path} does not exist: pass the MODEL_DIR of a t5lite training run.")
-    if os.path.exists(output):
+    if fileio.exists(output):
         raise UserError(f"{output} already exists; choose a new --output directory.")
     gin.clear_config()
-    gin.parse_config_file(config_path)
+    with fileio.open_file(config_path) as f:
+        gin.parse_config(f.read())
     model, adaptation = Model(TransformerConfig()), make_adaptation()
     mesh = partitioning.make_mesh()
     rules = partitioning.axis_rules("dp")
     shapes = model.input_shapes(1, {"inputs": 8, "targets": 8})  # the params do not depend on them
     init = trainer.make_sharded_init(model, adaptation.wrap_optimizer(make_optimizer().tx), shapes, mesh, rules,
                                      adaptation)
-    source = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), save_every=1, keep=None,
+    source = checkpoints.Checkpointer(fileio.join(model_dir, "checkpoints"), save_every=1, keep=None,
                                       async_save=False)
     step = source.latest_step() if step is None else step
     if step is None:
@@ -295,11 +295,11 @@ def export_merged(model_dir: str, output: str, *, step: int | None = None) -> st
     state = source.restore(step, init.abstract_state)
     source.close()
     merged = jax.jit(adaptation.model_params)(state.params)
-    target = checkpoints.Checkpointer(os.path.join(output, "checkpoints"), save_every=1, keep=None, async_save=False)
+    target = checkpoints.Checkpointer(fileio.join(output, "checkpoints"), save_every=1, keep=None, async_save=False)
     target.save(step, {"step": state.step, "params": merged}, force=True)
     target.wait()
     target.close()
-    return os.path.join(output, "checkpoints", str(step))
+    return fileio.join(output, "checkpoints", str(step))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,10 +72,21 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
         gin.add_config_file_search_path(p)
     if not gin_files:
         raise GinConfigError("No --gin_file given; start from --gin_file=gin/base.gin.")
-    try:
-        gin.parse_config_files_and_bindings([_resolve(f, paths) for f in gin_files], bindings)
-    except (ValueError, KeyError, OSError, SyntaxError, ImportError) as e:
-        raise GinConfigError(_explain(e)) from e
+    files = [_resolve(f, paths) for f in gin_files]
+    for attempt in range(3):
+        try:
+            gin.parse_config_files_and_bindings(files, bindings)
+            return
+        except (ValueError, KeyError, OSError, SyntaxError, ImportError) as e:
+            if _is_ast_thread_race(e) and attempt < 2:
+                continue  # the same files and bindings again: parsing is idempotent
+            raise GinConfigError(_explain(e)) from e
+
+
+def _is_ast_thread_race(error: Exception) -> bool:
+    """A CPython 3.11 bug (seen on 3.11.7; cf. gh-106905): ast.literal_eval, which gin's parser calls, can
+    fail spuriously while another thread (e.g. TF autograph in a tf.data thread) also builds an AST."""
+    return "AST constructor recursion depth mismatch" in str(error)
 
 
 def _explain(error: Exception) -> str:

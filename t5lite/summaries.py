@@ -9,6 +9,8 @@ import json
 import os
 from collections.abc import Mapping
 
+from t5lite import fileio
+
 
 def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -35,7 +37,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.model_dir = model_dir
         self._tb = {}
-        self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a") if enabled else None
+        self._jsonl = fileio.open_file(os.path.join(model_dir, "metrics.jsonl"), "a") if enabled else None
 
     def _tb_writer(self, group: str):
         import tensorflow as tf  # noqa: PLC0415  (already loaded by seqio; kept local for clarity)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from t5lite import checkpoints, evaluation, finetune, gin_cli, partitioning, preemption, trainer
+from t5lite import checkpoints, evaluation, fileio, finetune, gin_cli, partitioning, preemption, trainer
 from t5lite.data import pipeline  # registers the tasks and their gin configurables before parsing
 from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
@@ -46,16 +46,16 @@ from t5lite.summaries import MetricsWriter, format_duration, progress_line
 
 def ensure_writable_dir(path: str) -> str:
     """Creates `path` and proves it writable before any compute is spent."""
-    path = os.path.abspath(path)
+    path = fileio.absolute(path)
     try:
-        os.makedirs(path, exist_ok=True)
+        fileio.makedirs(path)
         probe = os.path.join(path, f".write_test-{uuid.uuid4().hex}")  # hosts sharing MODEL_DIR must not race
-        with open(probe, "w") as f:
+        with fileio.open_file(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
-    except OSError as e:
+        fileio.remove(probe)
+    except fileio.ERRORS as e:
         raise UserError(
-            f"MODEL_DIR {path!r} is not writable ({e.strerror}). Choose another directory with "
+            f"MODEL_DIR {path!r} is not writable ({getattr(e, 'strerror', None) or e}). Choose another directory with "
             "--gin.MODEL_DIR=\\\"path\\\"."
         ) from e
     return path
@@ -71,7 +71,7 @@ class TrainResult:
 
 def write_operative_config(model_dir: str) -> None:
     """MODEL_DIR/operative_config.gin: every parameter value the run has used, defaults included."""
-    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+    with fileio.open_file(os.path.join(model_dir, "operative_config.gin"), "w") as f:
         f.write(gin.operative_config_str())
 
 
@@ -81,12 +81,14 @@ def data_model_type(config: TransformerConfig, prefix_lm: bool) -> str:
     return "prefix_lm" if prefix_lm else "decoder_only"
 
 
-def write_model_info(path: str, config: TransformerConfig, rows: Sequence[Mapping[str, Any]], mesh, rules) -> int:
-    """Writes MODEL_DIR/model-info.txt (config, parameter table with shardings); returns #params."""
+def write_model_info(path: str, config: TransformerConfig, rows: Sequence[Mapping[str, Any]], mesh, rules,
+                     training_lines: Sequence[str] = ()) -> int:
+    """Writes MODEL_DIR/model-info.txt (config, what trains, parameter table with shardings); returns #params."""
     total = sum(int(np.prod(r["shape"])) for r in rows)
-    with open(path, "w") as f:
+    with fileio.open_file(path, "w") as f:
         f.write(f"{config}\ncompute dtype: {config.compute_dtype}\n\nparameters: {total:,}\n"
-                f"mesh: {dict(mesh.shape)}\nrules: {rules}\n\n")
+                + "".join(f"{line}\n" for line in training_lines)
+                + f"mesh: {dict(mesh.shape)}\nrules: {rules}\n\n")
         f.write(f"{'name':70s} {'shape':22s} {'logical axes':40s} {'mesh axes':28s} bytes/device\n")
         for r in rows:
             f.write(f"{r['name']:70s} {str(r['shape']):22s} {str(r['logical_axes']):40s} "
@@ -222,12 +224,10 @@ def train(
         model, tx, model.input_shapes(batch_size, task_feature_lengths), mesh, rules, adaptation)
     model_shardings = partitioning.logical_shardings(init.boxed_params_shapes, mesh, rules)
     rows = partitioning.sharding_table(init.boxed_params_shapes, model_shardings)
-    num_params = write_model_info(os.path.join(model_dir, "model-info.txt"), config, rows, mesh, rules) \
-        if is_chief else sum(int(np.prod(r["shape"])) for r in rows)
     finetune_lines = finetune.summary_lines(adaptation, init.abstract_state, nn.unbox(init.boxed_params_shapes))
+    num_params = write_model_info(os.path.join(model_dir, "model-info.txt"), config, rows, mesh, rules,
+                                  finetune_lines) if is_chief else sum(int(np.prod(r["shape"])) for r in rows)
     if is_chief:
-        with open(os.path.join(model_dir, "model-info.txt"), "a") as f:
-            f.write("\n" + "\n".join(finetune_lines) + "\n")
         print("\n".join(finetune_lines), flush=True)
     # Fine-tuning numbers its steps on from the initial checkpoint's (see the docstring).
     initial_step = checkpoints.read_step(initial_checkpoint_path) if initial_checkpoint_path else 0
@@ -272,7 +272,7 @@ def train(
         early_stopping=evaluation.EarlyStopping(early_stopping_metric, early_stopping_patience, early_stopping_mode)
         if early_stopping_metric else None, verbose=is_chief)
     if is_chief:
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        with fileio.open_file(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())  # every binding as parsed (files + --gin. flags)
         print(f"t5lite: {config.architecture}, {num_params:,} parameters, mesh {dict(mesh.shape)}, "
               f"preset {partitioning_preset!r}, batch {batch_size}, lengths {dict(task_feature_lengths)}, "
@@ -292,7 +292,7 @@ def train(
             real_tokens, all_tokens = real_tokens + real, all_tokens + total
             state, metrics = train_step(state, partitioning.shard_batch(batch, mesh), dropout_rng)
             if write_host_records:
-                with open(os.path.join(model_dir, f"host-{jax.process_index()}.jsonl"), "a") as f:
+                with fileio.open_file(os.path.join(model_dir, f"host-{jax.process_index()}.jsonl"), "a") as f:
                     f.write(json.dumps({"step": step + 1, "loss": float(metrics["loss"]),
                                         "rows": pipeline.row_fingerprints(batch)}) + "\n")
             pending_metrics.append(metrics)
@@ -363,7 +363,7 @@ def train(
         return TrainResult(model_dir=model_dir, step=int(state.step), eval_results=eval_results,
                            exit_code=stop_request.exit_code)
     if is_chief:
-        with open(os.path.join(model_dir, "eval_results.json"), "w") as f:
+        with fileio.open_file(os.path.join(model_dir, "eval_results.json"), "w") as f:
             json.dump({"step": int(state.step), "tasks": eval_results}, f, indent=2)
     return TrainResult(model_dir=model_dir, step=int(state.step), eval_results=eval_results)
 

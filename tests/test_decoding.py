@@ -59,8 +59,9 @@ def _predict(model, params, batch, config, rng=None):
     return np.asarray(tokens), np.asarray(scores)
 
 
-def _greedy_by_full_forward(model, params, batch, prompts, max_new, eos_id):
-    """Greedy decoding that reruns the training forward pass on the whole sequence at every step."""
+def _greedy_by_full_forward(model, params, batch, prompts, max_new, eos_id, prefix_lm=False):
+    """Greedy decoding that reruns the training forward pass on the whole sequence at every step
+    (prefix_lm: BOS + prompt marked by decoder_causal_attention, attended both ways)."""
     logits_fn = jax.jit(model.logits)
     length = 1 + max(map(len, prompts)) + max_new  # fixed, so it compiles once; causal: the tail is unseen
     outputs = []
@@ -71,6 +72,8 @@ def _greedy_by_full_forward(model, params, batch, prompts, max_new, eos_id):
             inputs = np.zeros((1, length), np.int32)
             inputs[0, :len(sequence)] = sequence
             full = {"decoder_input_tokens": inputs, "decoder_target_tokens": np.ones_like(inputs)}
+            if prefix_lm:
+                full["decoder_causal_attention"] = (np.arange(length) <= len(prompt))[None].astype(np.int32)
             if "encoder_input_tokens" in batch:
                 full["encoder_input_tokens"] = batch["encoder_input_tokens"][row:row + 1]
             next_token = int(np.argmax(logits_fn(params, full)[0, len(sequence) - 1]))
@@ -91,11 +94,38 @@ def test_cached_greedy_equals_full_forward_greedy_encoder_decoder(scan_layers):
     np.testing.assert_array_equal(tokens, expected)
 
 
-def test_cached_greedy_with_prompts_equals_full_forward_greedy_decoder_only():
+def test_cached_greedy_with_prefix_lm_prompts_equals_full_forward_greedy_decoder_only():
+    # Prompts of different lengths, attended both ways (as in prefix-LM training) in the prefill and
+    # by the rows still inside their prompt in the loop.
     model, params = _decoder_only()
     batch = _prompt_batch()
+    tokens, scores = _predict(model, params, batch, DecodeConfig(max_decode_length=MAX_NEW, eos_id=63))
+    prompts = [[5, 9], [7, 3, 11, 20]]
+    expected = _greedy_by_full_forward(model, params, batch, prompts, MAX_NEW, eos_id=63, prefix_lm=True)
+    np.testing.assert_array_equal(tokens, expected)
+
+    # The decode scores are the prefix-LM log-likelihoods of the generated tokens, and differ from
+    # causal-prompt ones (the argmax tokens of this random model happen to be the same either way).
+    def score(prefix_lm):
+        rows = [[*prompt, *generated] for prompt, generated in zip(prompts, tokens.tolist(), strict=True)]
+        targets = np.array([row + [0] * (12 - len(row)) for row in rows], np.int32)
+        generated = (np.arange(12)[None] >= np.array([[2], [4]])) & (targets > 0)
+        scored = {"decoder_target_tokens": targets, "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
+                  "decoder_loss_weights": generated.astype(np.int32),
+                  "decoder_segment_ids": np.ones_like(targets)}
+        if prefix_lm:
+            scored["decoder_causal_attention"] = (np.arange(12)[None] <= np.array([[2], [4]])).astype(np.int32)
+        return np.asarray(model.score_batch(params, scored))
+
+    np.testing.assert_allclose(scores, score(prefix_lm=True), rtol=1e-4, atol=1e-4)
+    assert np.abs(scores - score(prefix_lm=False)).max() > 1e-3
+
+
+def test_causal_lm_without_a_prefix_mask_decodes_from_bos_like_the_full_forward():
+    model, params = _decoder_only()
+    batch = {"decoder_input_tokens": np.zeros((2, 6), np.int32)}
     tokens, _ = _predict(model, params, batch, DecodeConfig(max_decode_length=MAX_NEW, eos_id=63))
-    expected = _greedy_by_full_forward(model, params, batch, [[5, 9], [7, 3, 11, 20]], MAX_NEW, eos_id=63)
+    expected = _greedy_by_full_forward(model, params, batch, [[], []], MAX_NEW, eos_id=63)
     np.testing.assert_array_equal(tokens, expected)
 
 

@@ -11,8 +11,9 @@ Sequences are [batch, length] with position 0 the BOS token (0) and a right-padd
 it (decoder-only; encoder-decoder prompts are just BOS): `prompt_lengths` [batch] counts BOS and
 prompt. The loop starts at the shortest prompt; a row still inside its prompt is fed its own
 prompt tokens ("forced", not scored), so a batch of prompts of different lengths decodes in one
-loop. A row stops at EOS (later positions stay 0); the loop ends when every row has stopped or the
-sequence is full.
+loop. A row stops at EOS (later positions stay 0) or after max_decode_length new tokens (rows with
+shorter prompts have room left in the sequence: it is not used); the loop ends when every row has
+stopped or the sequence is full.
 """
 
 from __future__ import annotations
@@ -89,10 +90,12 @@ def decode(
     cache = prefill(cache, sequences[:, : sequences.shape[1] - config.max_decode_length])
     if config.method == "beam":
         return beam_search(step, cache, sequences, prompt_lengths, num_beams=config.num_beams,
-                           alpha=config.length_penalty_alpha, eos_id=config.eos_id)
+                           alpha=config.length_penalty_alpha, eos_id=config.eos_id,
+                           max_new=config.max_decode_length)
     temperature = 0.0 if config.method == "greedy" else config.temperature
     return temperature_sample(step, cache, sequences, prompt_lengths, rng=rng, temperature=temperature,
-                              top_k=config.top_k, top_p=config.top_p, eos_id=config.eos_id)
+                              top_k=config.top_k, top_p=config.top_p, eos_id=config.eos_id,
+                              max_new=config.max_decode_length)
 
 
 def filter_logits(logits: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
@@ -112,10 +115,13 @@ def filter_logits(logits: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array
 
 def temperature_sample(
     step: StepFn, cache: Cache, sequences: Array, prompt_lengths: Array, *, rng: Array | None,
-    temperature: float, top_k: int = 0, top_p: float = 1.0, eos_id: int = 1,
+    temperature: float, top_k: int = 0, top_p: float = 1.0, eos_id: int = 1, max_new: int | None = None,
 ) -> tuple[Array, Array]:
-    """Greedy (temperature 0) or sampled decoding; see decode() for arguments and results."""
+    """Greedy (temperature 0) or sampled decoding; see decode() for arguments and results.
+
+    max_new: new tokens per row at most (None: until the sequence is full)."""
     batch, length = sequences.shape
+    row_ends = prompt_lengths + (length if max_new is None else max_new)  # [batch] first position past a row
     if temperature > 0 and rng is None:
         raise UserError("Sampling needs an rng (a jax.random key).")
     rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -135,6 +141,7 @@ def temperature_sample(
             filtered = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
             chosen = jax.random.categorical(jax.random.fold_in(rng, index), filtered, axis=-1)
         forced = index + 1 < prompt_lengths
+        done = done | (index + 1 >= row_ends)  # no room left: the row has its max_new tokens
         prompt_token = jax.lax.dynamic_slice_in_dim(sequences, index + 1, 1, axis=1)[:, 0]
         chosen = jnp.where(forced, prompt_token, jnp.where(done, 0, chosen)).astype(sequences.dtype)
         chosen_log_prob = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
@@ -176,15 +183,17 @@ def gather_beams(tree: Any, beam_indices: Array, *, flat: bool = False) -> Any:
 
 def beam_search(
     step: StepFn, cache: Cache, sequences: Array, prompt_lengths: Array, *, num_beams: int,
-    alpha: float = 0.6, eos_id: int = 1,
+    alpha: float = 0.6, eos_id: int = 1, max_new: int | None = None,
 ) -> tuple[Array, Array]:
     """Beam search; returns the best finished beam per row (the best live one if none finished).
 
     Each step keeps the num_beams best live beams (no EOS) out of 2 * num_beams candidates, and
     the num_beams best finished beams by length-penalised score. It stops early when no live beam
-    can still beat every row's worst finished beam.
+    can still beat every row's worst finished beam. A row's live beams finish, as they are, when
+    they have max_new tokens (None: when the sequence is full).
     """
     batch, length = sequences.shape
+    row_ends = prompt_lengths + (length if max_new is None else max_new)  # [batch] first position past a row
     cache = repeat_beams(cache, num_beams)
     beam_prompt_lengths = jnp.repeat(prompt_lengths, num_beams)
     generated_offset = prompt_lengths - 1  # [batch] positions before the first generated token
@@ -210,13 +219,17 @@ def beam_search(
         prompt_token = jax.lax.dynamic_slice_in_dim(alive.reshape(batch * num_beams, length), index + 1, 1, axis=1)
         forced_log_probs = jnp.where(jnp.arange(vocab)[None] == prompt_token, 0.0, NEG_INF)
         log_probs = jnp.where(forced[:, None], forced_log_probs, log_probs)
+        # A row without room extends each beam by padding (log-probability 0) and finishes it.
+        full = index + 1 >= row_ends  # [batch]
+        padding_log_probs = jnp.where(jnp.arange(vocab)[None] == 0, 0.0, NEG_INF)
+        log_probs = jnp.where(jnp.repeat(full, num_beams)[:, None], padding_log_probs, log_probs)
         candidates = (alive_log_probs[..., None] + log_probs.reshape(batch, num_beams, vocab)).reshape(batch, -1)
         top_log_probs, top_ids = jax.lax.top_k(candidates, 2 * num_beams)  # [batch, 2 * beams]
         top_beams, top_tokens = top_ids // vocab, top_ids % vocab
         top_seqs = gather_beams(alive, top_beams)
         top_seqs = jax.lax.dynamic_update_slice_in_dim(top_seqs, top_tokens[..., None].astype(alive.dtype),
                                                        index + 1, axis=2)
-        is_eos = (top_tokens == eos_id) & (index + 1 >= prompt_lengths[:, None])
+        is_eos = ((top_tokens == eos_id) & (index + 1 >= prompt_lengths[:, None])) | full[:, None]
 
         # Live beams: the best num_beams candidates that did not just end.
         alive_scores, alive_pick = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_log_probs), num_beams)
@@ -224,7 +237,8 @@ def beam_search(
         cache = gather_beams(cache, gather_beams(top_beams, alive_pick), flat=True)
 
         # Finished beams: merge the ones that just ended into the best num_beams so far.
-        generated = (index + 1 - generated_offset[:, None]).astype(jnp.float32)
+        # Tokens generated with this one (the padding of a full row is not one of them).
+        generated = (jnp.minimum(index + 1, row_ends - 1) - generated_offset)[:, None].astype(jnp.float32)
         new_scores = jnp.where(is_eos, top_log_probs / brevity_penalty(alpha, generated), NEG_INF)
         merged_seqs = jnp.concatenate([finished, top_seqs], axis=1)
         merged_scores = jnp.concatenate([finished_scores, new_scores], axis=1)

@@ -269,8 +269,17 @@ def attention_mask_bias(
     return jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]
 
 
-def decode_mask_bias(q_len: int, cache_length: int, cache_index: Array) -> Array:
-    """Causal mask [1, 1, q_len, cache_length] for queries at cache_index + arange(q_len) (float32)."""
+def decode_mask_bias(q_len: int, cache_length: int, cache_index: Array, prefix_lengths: Array | None = None) -> Array:
+    """Causal mask [1, 1, q_len, cache_length] for queries at cache_index + arange(q_len) (float32).
+
+    With prefix_lengths [batch] (prefix LM): [batch, 1, q_len, cache_length], positions below a
+    row's prefix length also see each other both ways, as attention_mask_bias's `prefix` does.
+    """
     q_pos = cache_index + jnp.arange(q_len)[:, None]
-    visible = jnp.arange(cache_length)[None, :] <= q_pos
-    return jnp.where(visible, 0.0, MASK_VALUE).astype(jnp.float32)[None, None]
+    k_pos = jnp.arange(cache_length)[None, :]
+    visible = k_pos <= q_pos
+    if prefix_lengths is None:
+        return jnp.where(visible, 0.0, MASK_VALUE).astype(jnp.float32)[None, None]
+    prefix = prefix_lengths[:, None, None]
+    visible = visible[None] | ((q_pos[None] < prefix) & (k_pos[None] < prefix))
+    return jnp.where(visible, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]

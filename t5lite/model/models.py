@@ -189,7 +189,8 @@ class Model:
 
         Encoder-decoder: conditions on encoder_input_tokens. Decoder-only: the prompt is the part
         of decoder_input_tokens marked by decoder_causal_attention (seqio's prefix-LM features;
-        attended causally here), or just BOS without it; tokens are the continuation after it.
+        attended both ways, as logits() and score_batch() attend it), or just BOS without it; tokens
+        are the continuation after it.
         Generated tokens end with EOS (then zeros). Scores: see decoding.decode.
         """
         if self.config.is_encoder_decoder:
@@ -200,7 +201,8 @@ class Model:
         else:
             tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
             batch_size = tokens.shape[0]
-            if "decoder_causal_attention" in batch:
+            prefix_lm = "decoder_causal_attention" in batch
+            if prefix_lm:
                 prompt_mask = jnp.asarray(batch["decoder_causal_attention"], jnp.int32)
                 prompt, prompt_lengths = tokens * prompt_mask, jnp.sum(prompt_mask, axis=1)
             else:
@@ -225,13 +227,16 @@ class Model:
             prefill = lambda c, t: run(c, t, 0, encoder_segment_ids, encoded)[1]["cache"]  # noqa: E731
             step_args = (step_segment_ids,)
         else:
-            def run(cache, tokens, index):
-                return module.apply({"params": params, "cache": cache}, tokens, index, length,
-                                         method="decode", mutable=["cache"])
+            def run(cache, tokens, index, prefix_lengths=None):
+                return module.apply({"params": params, "cache": cache}, tokens, index, length, prefix_lengths,
+                                    method="decode", mutable=["cache"])
 
             cache = self._zero_cache(run, batch_size, length)
-            prefill = lambda c, t: run(c, t, 0)[1]["cache"]  # noqa: E731
-            step_args = ()
+            # A prefix-LM prompt is bidirectional: the prefill sees all of it, and a row still
+            # inside its prompt in the loop (longer prompts) sees the rest of it in the cache.
+            prefix_lengths = prompt_lengths if prefix_lm else None
+            prefill = lambda c, t: run(c, t, 0, prefix_lengths)[1]["cache"]  # noqa: E731
+            step_args = (jnp.repeat(prompt_lengths, config.beams, axis=0),) if prefix_lm else ()
 
         def step(cache, tokens, index):
             logits, variables = run(cache, tokens, index, *step_args)

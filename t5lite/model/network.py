@@ -164,13 +164,15 @@ class Decoder(nn.Module):
         causal_attention: Array | None = None,
         decode_index: Array | None = None,
         decode_length: int | None = None,
+        decode_prefix_lengths: Array | None = None,
     ) -> Array:
         """tokens, segment_ids [batch, length] -> logits [batch, length, vocab] (float32).
 
         causal_attention [batch, length]: 1 on prefix-LM inputs (bidirectional among themselves).
         Decoding (decode_index, an int32 scalar, given): `tokens` sit at positions decode_index +
         arange(length) of a cache of decode_length positions; segment_ids are unused, and
-        `encoded` may be None after the first call (cached cross-attention keys/values).
+        `encoded` may be None after the first call (cached cross-attention keys/values);
+        decode_prefix_lengths [batch] (prefix LM): the prompt positions, bidirectional as in training.
         """
         cfg = self.config
         x = _dropout(cfg, self.embedder(tokens), deterministic)
@@ -183,7 +185,7 @@ class Decoder(nn.Module):
         decode = decode_index is not None
         if decode:
             self_bias = relpos_bias(length, decode_length, decode_index) + decode_mask_bias(
-                length, decode_length, decode_index)
+                length, decode_length, decode_index, decode_prefix_lengths)
             segment_ids = jnp.ones(tokens.shape, jnp.int32)  # cross-attention queries: all real
         else:
             self_bias = relpos_bias(length, length) + attention_mask_bias(
@@ -277,10 +279,14 @@ class DecoderOnly(nn.Module):
             decoder_input_tokens, decoder_segment_ids, deterministic, causal_attention=decoder_causal_attention
         )
 
-    def decode(self, decoder_input_tokens: Array, decode_index: Array, decode_length: int) -> Array:
-        """One cached decoding call: tokens [batch, n] at decode_index.. -> logits [batch, n, vocab]."""
-        return self.decoder(
-            decoder_input_tokens, None, True, decode_index=decode_index, decode_length=decode_length)
+    def decode(self, decoder_input_tokens: Array, decode_index: Array, decode_length: int,
+               prefix_lengths: Array | None = None) -> Array:
+        """One cached decoding call: tokens [batch, n] at decode_index.. -> logits [batch, n, vocab].
+
+        prefix_lengths [batch]: prefix-LM prompts (BOS + prompt), attended both ways as in training.
+        """
+        return self.decoder(decoder_input_tokens, None, True, decode_index=decode_index, decode_length=decode_length,
+                            decode_prefix_lengths=prefix_lengths)
 
 
 def build_network(config: TransformerConfig) -> nn.Module:

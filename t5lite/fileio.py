@@ -1,0 +1,68 @@
+"""Files in MODEL_DIR on a local disk or a bucket (gs://, s3://, ...), through tf.io.gfile.
+
+On a TPU pod MODEL_DIR is a bucket every worker shares: Python's open / os.makedirs would write a
+local directory named "gs:" on each worker instead. Orbax reads and writes checkpoints in buckets
+itself; everything else t5lite writes next to them (config, metrics, model info, eval results)
+goes through these functions.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import IO
+
+import tensorflow as tf
+
+# What a failed file operation raises: OSError locally, tf.errors.OpError (e.g. PermissionDeniedError) on a bucket.
+ERRORS = (OSError, tf.errors.OpError)
+
+
+def is_remote(path: str) -> bool:
+    """True for URLs such as gs://bucket/dir (anything with a scheme), False for local paths."""
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (so that it does not depend on the working directory); URLs as given."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+def join(*parts: str) -> str:
+    return os.path.join(*parts)  # "/"-separated on every OS t5lite runs on, URLs included
+
+
+def open_file(path: str, mode: str = "r") -> IO:
+    """Like open(); "a" (append) works on buckets too, by rewriting the object (keep such files small)."""
+    if is_remote(path):
+        return tf.io.gfile.GFile(path, mode)
+    return open(path, mode, encoding=None if "b" in mode else "utf-8")
+
+
+def makedirs(path: str) -> None:
+    if is_remote(path):
+        tf.io.gfile.makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def exists(path: str) -> bool:
+    return tf.io.gfile.exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    return tf.io.gfile.isdir(path) if is_remote(path) else os.path.isdir(path)
+
+
+def remove(path: str) -> None:
+    if is_remote(path):
+        tf.io.gfile.remove(path)
+    else:
+        os.remove(path)
+
+
+def rename(source: str, destination: str) -> None:
+    """Moves a file or directory (on buckets: a copy then a delete, not atomic)."""
+    if is_remote(source):
+        tf.io.gfile.rename(source, destination, overwrite=False)
+    else:
+        os.replace(source, destination)
