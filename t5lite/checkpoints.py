@@ -286,6 +286,22 @@ def read_params(checkpoint: str) -> dict:
     return restored["params"]
 
 
+def read_step(checkpoint: str) -> int:
+    """The train step a checkpoint (MODEL_DIR/checkpoints/<step>) was saved at, read from its state."""
+    path = os.path.join(fileio.absolute(checkpoint), STATE)
+    if not fileio.isdir(path):
+        raise UserError(f"{checkpoint} is not a t5lite checkpoint (no {STATE}/ inside); pass "
+                        "MODEL_DIR/checkpoints/<step>.")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        if "step" not in tree:
+            raise UserError(f"{checkpoint} holds no train step (keys {sorted(tree)}).")
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item={"step": tree["step"]}, restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
+            partial_restore=True))
+    return int(restored["step"])
+
+
 def load_initial_params(checkpoint: str, init_params: Any, *, rename: Mapping[str, str] | None = None) -> Any:
     """`init_params` with every parameter the checkpoint has replaced by the checkpoint's value.
 

@@ -253,13 +253,15 @@ class TrainingMonitor:
     def after_step(self, step: int, params, teacher_forced: Results | None) -> bool:
         """Runs inference eval if due; -> whether early stopping says to stop.
 
-        teacher_forced: this step's teacher-forced results, if the loop evaluated at this step.
+        params: the model's params, or a function returning them (called only when inference eval
+        runs: e.g. LoRA factors merged into their base). teacher_forced: this step's teacher-forced
+        results, if the loop evaluated at this step.
         """
         inferred: Results = {}
         self.last_seconds = 0.0
         if self.inference is not None and self.inference.task_names and step % self.infer_eval_every == 0:
             t0 = time.perf_counter()
-            inferred = self.inference.evaluate(params, step)
+            inferred = self.inference.evaluate(params() if callable(params) else params, step)
             self.last_seconds = time.perf_counter() - t0
             for task, metrics in inferred.items():
                 self.write_metrics(f"infer_eval/{task}", step, metrics)

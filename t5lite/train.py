@@ -27,13 +27,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from t5lite import checkpoints, evaluation, fileio, gin_cli, observability, partitioning, preemption, trainer
+from t5lite import checkpoints, evaluation, fileio, finetune, gin_cli, observability, partitioning, preemption, trainer
 from t5lite.data import pipeline  # registers the tasks and their gin configurables before parsing
 from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
@@ -80,12 +81,14 @@ def data_model_type(config: TransformerConfig, prefix_lm: bool) -> str:
     return "prefix_lm" if prefix_lm else "decoder_only"
 
 
-def write_model_info(path: str, config: TransformerConfig, rows: Sequence[Mapping[str, Any]], mesh, rules) -> int:
-    """Writes MODEL_DIR/model-info.txt (config, parameter table with shardings); returns #params."""
+def write_model_info(path: str, config: TransformerConfig, rows: Sequence[Mapping[str, Any]], mesh, rules,
+                     training_lines: Sequence[str] = ()) -> int:
+    """Writes MODEL_DIR/model-info.txt (config, what trains, parameter table with shardings); returns #params."""
     total = sum(int(np.prod(r["shape"])) for r in rows)
     with fileio.open_file(path, "w") as f:
         f.write(f"{config}\ncompute dtype: {config.compute_dtype}\n\nparameters: {total:,}\n"
-                f"mesh: {dict(mesh.shape)}\nrules: {rules}\n\n")
+                + "".join(f"{line}\n" for line in training_lines)
+                + f"mesh: {dict(mesh.shape)}\nrules: {rules}\n\n")
         f.write(f"{'name':70s} {'shape':22s} {'logical axes':40s} {'mesh axes':28s} bytes/device\n")
         for r in rows:
             f.write(f"{r['name']:70s} {str(r['shape']):22s} {str(r['logical_axes']):40s} "
@@ -169,6 +172,10 @@ def train(
     State: the latest checkpoint in MODEL_DIR/checkpoints if there is one (exact resume), else a
     fresh initialisation whose params are replaced by those of `initial_checkpoint_path` (a
     .../checkpoints/<step> directory; see checkpoints.load_initial_params for the renaming) if set.
+    Fine-tuning from `initial_checkpoint_path` counts steps on from the checkpoint's step S: the run
+    trains `num_train_steps` steps, S+1 .. S+num_train_steps (the optimizer and its schedule start
+    afresh at 0). What is trained (all, frozen by name, LoRA, quantized base) is
+    finetune.make_adaptation's gin configuration.
     Checkpoints kept: the last `keep_checkpoints`, pinned ones, and with `checkpoint_best_metric`
     (an eval metric averaged over the eval tasks, e.g. "loss") the best one by
     `checkpoint_best_mode` among the steps saved when an eval ran.
@@ -213,11 +220,20 @@ def train(
     # --- Model and optimizer ------------------------------------------------------------------------
     model = Model(config)
     optimizer = make_optimizer()
+    adaptation = finetune.make_adaptation()
+    tx = adaptation.wrap_optimizer(optimizer.tx)
     init = trainer.make_sharded_init(
-        model, optimizer.tx, model.input_shapes(batch_size, task_feature_lengths), mesh, rules)
-    rows = partitioning.sharding_table(init.boxed_params_shapes, init.state_shardings.params)
-    num_params = write_model_info(os.path.join(model_dir, "model-info.txt"), config, rows, mesh, rules) \
-        if is_chief else sum(int(np.prod(r["shape"])) for r in rows)
+        model, tx, model.input_shapes(batch_size, task_feature_lengths), mesh, rules, adaptation)
+    model_shardings = partitioning.logical_shardings(init.boxed_params_shapes, mesh, rules)
+    rows = partitioning.sharding_table(init.boxed_params_shapes, model_shardings)
+    finetune_lines = finetune.summary_lines(adaptation, init.abstract_state, nn.unbox(init.boxed_params_shapes))
+    num_params = write_model_info(os.path.join(model_dir, "model-info.txt"), config, rows, mesh, rules,
+                                  finetune_lines) if is_chief else sum(int(np.prod(r["shape"])) for r in rows)
+    if is_chief:
+        print("\n".join(finetune_lines), flush=True)
+    # Fine-tuning numbers its steps on from the initial checkpoint's (see the docstring).
+    initial_step = checkpoints.read_step(initial_checkpoint_path) if initial_checkpoint_path else 0
+    num_train_steps += initial_step
 
     # --- State and data position: resume from MODEL_DIR or initialise ---------------------------------
     # The train stream is built first so that a resume can put it back where the checkpoint left it:
@@ -232,20 +248,23 @@ def train(
         state, latest = resumed
         print(f"Resumed from {ckpt.directory}/{latest}", flush=True)
     else:
-        state = init.init_fn(jax.random.PRNGKey(seed))
+        params = init.init_params(jax.random.PRNGKey(seed))
         if initial_checkpoint_path:
-            state = state.replace(params=checkpoints.load_initial_params(
-                initial_checkpoint_path, state.params, rename=initial_checkpoint_rename))
-            print(f"Initialised the params from {initial_checkpoint_path}", flush=True)
+            params = checkpoints.load_initial_params(initial_checkpoint_path, params, rename=initial_checkpoint_rename)
+            print(f"Initialised the params from {initial_checkpoint_path} (step {initial_step})", flush=True)
+        state = init.state_from_params(params, jax.random.PRNGKey(seed))
+        state = state.replace(step=jax.device_put(jnp.int32(initial_step), init.state_shardings.step))
     start_step = int(state.step)
 
     # --- Compiled steps ---------------------------------------------------------------------------
     loss_config = trainer.LossConfig(label_smoothing=label_smoothing, z_loss=z_loss)
     train_step = trainer.jit_train_step(
-        model, optimizer.tx, optimizer.schedule, init, mesh, rules, loss_config=loss_config,
-        num_microbatches=num_microbatches, use_dropout=config.dropout_rate > 0)
-    eval_step = jax.jit(partitioning.with_sharding_rules(trainer.make_eval_step(model, loss_config), mesh, rules),
+        model, tx, lambda step: optimizer.schedule(step - initial_step), init, mesh, rules, loss_config=loss_config,
+        num_microbatches=num_microbatches, use_dropout=config.dropout_rate > 0, adaptation=adaptation)
+    eval_step = jax.jit(partitioning.with_sharding_rules(trainer.make_eval_step(model, loss_config, adaptation),
+                                                         mesh, rules),
                         in_shardings=(init.state_shardings.params, partitioning.batch_sharding(mesh)))
+    model_params = jax.jit(adaptation.model_params, out_shardings=model_shardings)  # LoRA: merged, for decoding
 
     writer = MetricsWriter(model_dir, enabled=is_chief)
     monitor = evaluation.TrainingMonitor(
@@ -334,7 +353,8 @@ def train(
                               flush=True)
                 t_interval = time.perf_counter()  # keep eval time out of the training rates
             if not stop:  # inference eval when due; early stopping ends the run like a stop request
-                stop = monitor.after_step(done, state.params, eval_results if evaluated else None)
+                stop = monitor.after_step(done, lambda p=state.params: model_params(p),
+                                          eval_results if evaluated else None)
                 t_interval += monitor.last_seconds  # keep inference eval time out of the training rates
 
             ckpt.save(done, state, train_batches, force=stop or done == num_train_steps,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from t5lite import partitioning
+from t5lite import finetune, partitioning
 from t5lite.model.models import Model, normalize_metric_sums
 
 Array = jax.Array
@@ -43,6 +43,8 @@ class ShardedInit:
     """Everything needed to create, restore and step a sharded TrainState."""
 
     init_fn: Callable[[Array], TrainState]  # jitted: rng -> sharded TrainState
+    init_params: Callable[[Array], Any]  # jitted: rng -> the model's params (sharded), before adaptation
+    state_from_params: Callable[[Any, Array], TrainState]  # jitted: (model params, rng) -> step-0 TrainState
     abstract_state: TrainState  # ShapeDtypeStructs carrying shardings (orbax restore target)
     state_shardings: TrainState
     boxed_params_shapes: Any  # nn.LogicallyPartitioned shapes, for the model-info table
@@ -50,32 +52,49 @@ class ShardedInit:
 
 def make_sharded_init(
     model: Model, tx: optax.GradientTransformation, input_shapes: Mapping[str, tuple[int, ...]],
-    mesh: Mesh, rules,
+    mesh: Mesh, rules, adaptation: finetune.Adaptation | None = None,
 ) -> ShardedInit:
-    """Derives parameter shardings from the model's logical axes and builds a jitted init."""
+    """Derives parameter shardings from the model's logical axes and builds a jitted init.
+
+    `adaptation` (default: train every parameter) decides what the state's params hold (e.g. a
+    frozen base and LoRA factors) and which part of them `tx` optimizes.
+    """
+    adaptation = adaptation or finetune.FullAdaptation()
 
     def init_boxed(rng):
         return model.init(rng, input_shapes)["params"]
 
+    def init_params(rng):
+        return nn.unbox(init_boxed(rng))
+
+    def state_from_params(params, rng) -> TrainState:
+        adapted = adaptation.adapt(params, rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=adapted,
+                          opt_state=tx.init(adaptation.trainable_params(adapted)))
+
     def init_state(rng) -> TrainState:
-        params = nn.unbox(init_boxed(rng))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return state_from_params(init_params(rng), rng)
 
     boxed_shapes = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
-    params_shardings = partitioning.logical_shardings(boxed_shapes, mesh, rules)
+    model_shardings = partitioning.logical_shardings(boxed_shapes, mesh, rules)
     state_shapes = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+    params_shardings = adaptation.state_shardings(boxed_shapes, state_shapes.params, mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_shardings = TrainState(
         step=replicated,
         params=params_shardings,
         opt_state=partitioning.derive_state_shardings(
-            state_shapes.opt_state, state_shapes.params, params_shardings, mesh),
+            state_shapes.opt_state, adaptation.trainable_params(state_shapes.params),
+            adaptation.trainable_params(params_shardings), mesh),
     )
     abstract_state = jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, state_shardings)
     with mesh, nn.logical_axis_rules(rules):
         init_fn = jax.jit(init_state, out_shardings=state_shardings)
-    return ShardedInit(init_fn, abstract_state, state_shardings, boxed_shapes)
+        init_params_fn = jax.jit(init_params, out_shardings=model_shardings)
+        from_params_fn = jax.jit(state_from_params, in_shardings=(model_shardings, None),
+                                 out_shardings=state_shardings)
+    return ShardedInit(init_fn, init_params_fn, from_params_fn, abstract_state, state_shardings, boxed_shapes)
 
 
 def _split_microbatches(batch: Mapping[str, Array], num_microbatches: int) -> dict[str, Array]:
@@ -89,12 +108,16 @@ def _split_microbatches(batch: Mapping[str, Array], num_microbatches: int) -> di
 
 def grad_and_metric_sums(
     model: Model, params, batch: Mapping[str, Array], dropout_rng: Array | None,
-    loss_config: LossConfig, num_microbatches: int = 1,
+    loss_config: LossConfig, num_microbatches: int = 1, to_model_params: Callable[[Any], Any] = lambda p: p,
 ) -> tuple[Any, dict[str, Array]]:
-    """Gradient of the SUM of token losses and the metric sums, accumulated over microbatches."""
+    """Gradient of the SUM of token losses and the metric sums, accumulated over microbatches.
+
+    The gradient is w.r.t. `params`; the network gets to_model_params(params) (e.g. LoRA factors
+    merged into a frozen base, which is then not differentiated).
+    """
 
     def loss_fn(p, mb, rng):
-        return model.loss_sums(p, mb, dropout_rng=rng, label_smoothing=loss_config.label_smoothing,
+        return model.loss_sums(to_model_params(p), mb, dropout_rng=rng, label_smoothing=loss_config.label_smoothing,
                                z_loss=loss_config.z_loss)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -124,22 +147,28 @@ def grad_and_metric_sums(
 def make_train_step(
     model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
     loss_config: LossConfig, num_microbatches: int = 1, use_dropout: bool = True,
+    adaptation: finetune.Adaptation | None = None,
 ) -> Callable[[TrainState, Mapping[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
     """(state, batch, rng) -> (new_state, metrics); jit it with shardings and donate the state.
 
     metrics["update_skipped"] is 1.0 if the loss or the gradients were not finite: then new_state
-    has the old params and optimizer state, and only the step counter advanced.
+    has the old params and optimizer state, and only the step counter advanced. With an
+    `adaptation`, only its trainable part of the params is differentiated and updated.
     """
+    adaptation = adaptation or finetune.FullAdaptation()
 
     def train_step(state: TrainState, batch: Mapping[str, Array], rng: Array):
         dropout_rng = jax.random.fold_in(rng, state.step) if use_dropout else None
+        adapter_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), 1)  # LoRA dropout, if any
+        trainable = adaptation.trainable_params(state.params)
         grad_sums, sums = grad_and_metric_sums(
-            model, state.params, batch, dropout_rng, loss_config, num_microbatches)
+            model, trainable, batch, dropout_rng, loss_config, num_microbatches,
+            to_model_params=lambda t: adaptation.model_params(state.params, t, adapter_rng))
         # One division by the global real-token count: the loss is a per-token mean.
         num_tokens = jnp.maximum(sums["num_tokens"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / num_tokens, grad_sums)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        params = optax.apply_updates(trainable, updates)
         metrics = normalize_metric_sums(sums)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state.step)
@@ -147,8 +176,9 @@ def make_train_step(
         # still counts (the schedule and the data move on). train.on_nonfinite decides what follows.
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         params, opt_state = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state))
+            lambda new, old: jnp.where(finite, new, old), (params, opt_state), (trainable, state.opt_state))
         metrics["update_skipped"] = 1.0 - finite.astype(jnp.float32)
+        params = adaptation.with_trainable(state.params, params)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -157,11 +187,12 @@ def make_train_step(
 def jit_train_step(
     model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, init: ShardedInit, mesh: Mesh,
     rules, *, loss_config: LossConfig, num_microbatches: int = 1, use_dropout: bool = True,
+    adaptation: finetune.Adaptation | None = None,
 ) -> Callable[[TrainState, Mapping[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
     """The train step jitted for the mesh: state sharded as `init` says, batch over the data axes,
     activations constrained by the rules, the state donated."""
     step = make_train_step(model, tx, schedule, loss_config=loss_config, num_microbatches=num_microbatches,
-                           use_dropout=use_dropout)
+                           use_dropout=use_dropout, adaptation=adaptation)
     return jax.jit(
         partitioning.with_sharding_rules(step, mesh, rules),
         in_shardings=(init.state_shardings, partitioning.batch_sharding(mesh), None),
@@ -170,11 +201,15 @@ def jit_train_step(
     )
 
 
-def make_eval_step(model: Model, loss_config: LossConfig) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
-    """(params, batch) -> metric SUMS (teacher forced, no dropout); add them across batches."""
+def make_eval_step(model: Model, loss_config: LossConfig, adaptation: finetune.Adaptation | None = None,
+                   ) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
+    """(params, batch) -> metric SUMS (teacher forced, no dropout); add them across batches.
+
+    params: the train state's params (the model's, merged by `adaptation` if given)."""
+    adaptation = adaptation or finetune.FullAdaptation()
 
     def eval_step(params, batch):
-        _, sums = model.loss_sums(params, batch, label_smoothing=loss_config.label_smoothing,
+        _, sums = model.loss_sums(adaptation.model_params(params), batch, label_smoothing=loss_config.label_smoothing,
                                   z_loss=loss_config.z_loss)
         return sums
 

@@ -84,15 +84,16 @@ def test_tiny_model_trains_on_real_text_and_writes_its_outputs(tmp_path, capsys)
     assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == ["30", "60"]
     assert "step 60/60" in out.out and "ETA" in out.out and "tok/s" in out.out
 
-    # Fine-tuning from it: a new MODEL_DIR starts from its params (not its step or optimizer state).
+    # Fine-tuning from it: a new MODEL_DIR starts from its params (not its optimizer state); its
+    # TRAIN_STEPS count on from the checkpoint's step.
     finetune_dir = str(tmp_path / "finetune")
     gin.clear_config()
     code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{finetune_dir}'", "--gin.TRAIN_STEPS=5",
                                       f"--gin.train.initial_checkpoint_path='{model_dir}/checkpoints/60'"], capsys)
     assert code == 0, out.err
-    assert f"Initialised the params from {model_dir}/checkpoints/60" in out.out
+    assert f"Initialised the params from {model_dir}/checkpoints/60 (step 60)" in out.out
     finetune = [r for r in _jsonl(finetune_dir) if r["group"] == "train"]
-    assert finetune[0]["step"] == 5 and finetune[0]["loss"] < train[0]["loss"] - 1.0
+    assert finetune[0]["step"] == 65 and finetune[0]["loss"] < train[0]["loss"] - 1.0
 
 
 @pytest.mark.slow
