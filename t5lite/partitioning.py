@@ -15,6 +15,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from t5lite.errors import UserError
@@ -152,28 +153,36 @@ def derive_state_shardings(state_shapes: Any, params_shapes: Any, params_shardin
     Every subtree with the params' structure takes the params' shardings leaf by leaf: a leaf of
     the param's shape (Adam moments) takes its spec; a leaf of the param's shape with one
     dimension dropped (Adafactor's factored v_row / v_col) takes its spec without that dimension;
-    everything else (counts, placeholders) is replicated.
+    everything else (counts, placeholders) is replicated. A params-shaped subtree may hold
+    optax.MaskedNode() for the params a masked / multi_transform optimizer leaves out (frozen ones).
     """
     params_def = jax.tree_util.tree_structure(params_shapes)
     replicated = NamedSharding(mesh, PartitionSpec())
     p_shapes = jax.tree_util.tree_leaves(params_shapes)
     p_shardings = jax.tree_util.tree_leaves(params_shardings)
 
+    def structure(x):  # MaskedNode (no leaves) counted as a leaf, so masked states match the params
+        return jax.tree_util.tree_structure(x, is_leaf=_is_masked)
+
     def is_params_like(x) -> bool:
         try:
-            return jax.tree_util.tree_structure(x) == params_def
+            return structure(x) == params_def
         except Exception:
             return False
 
     def assign(subtree):
         if is_params_like(subtree):
-            leaves = jax.tree_util.tree_leaves(subtree)
-            out = [_follow_param(tuple(leaf.shape), tuple(p.shape), s, replicated)
+            leaves = jax.tree_util.tree_leaves(subtree, is_leaf=_is_masked)
+            out = [leaf if _is_masked(leaf) else _follow_param(tuple(leaf.shape), tuple(p.shape), s, replicated)
                    for leaf, p, s in zip(leaves, p_shapes, p_shardings, strict=True)]
-            return jax.tree_util.tree_unflatten(params_def, out)
+            return jax.tree_util.tree_unflatten(structure(subtree), out)
         return jax.tree_util.tree_map(lambda _: replicated, subtree)
 
     return jax.tree_util.tree_map(assign, state_shapes, is_leaf=is_params_like)
+
+
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
 
 def _follow_param(shape: tuple[int, ...], param_shape: tuple[int, ...], param_sharding: NamedSharding,

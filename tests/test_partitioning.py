@@ -139,6 +139,23 @@ def test_factored_adafactor_statistics_follow_their_parameter_axes():
     assert factored.count.spec == PartitionSpec()
 
 
+def test_optimizer_state_of_a_partly_frozen_model_follows_the_trained_parameters():
+    # multi_transform leaves optax.MaskedNode() where a frozen parameter would be.
+    mesh = _mesh(1, 2, 4)
+    params = {"w": jax.ShapeDtypeStruct((256, 512), np.float32), "b": jax.ShapeDtypeStruct((512,), np.float32)}
+    shardings = {"w": NamedSharding(mesh, PartitionSpec("fsdp", "tensor")),
+                 "b": NamedSharding(mesh, PartitionSpec("tensor"))}
+    tx = optax.multi_transform({"train": optax.adam(0.1), "freeze": optax.set_to_zero()},
+                               {"w": "train", "b": "freeze"})
+    state = jax.eval_shape(tx.init, params)
+    derived = partitioning.derive_state_shardings(state, params, shardings, mesh)
+    adam = derived.inner_states["train"].inner_state[0]
+    assert adam.mu["w"].spec == adam.nu["w"].spec == PartitionSpec("fsdp", "tensor")
+    assert isinstance(adam.mu["b"], optax.MaskedNode)
+    # The shardings tree has the state's structure, as jit's out_shardings needs.
+    assert jax.tree_util.tree_structure(derived) == jax.tree_util.tree_structure(state)
+
+
 # --- Clear errors ---------------------------------------------------------------------------------
 
 def test_mesh_sizes_that_do_not_multiply_to_the_device_count_are_refused():
