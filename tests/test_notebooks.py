@@ -32,6 +32,7 @@ def test_finetune_notebook_adds_a_task_fine_tunes_and_evaluates(tmp_path):
     printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "train: " in printed and "validation: " in printed
     assert f"fine-tuning from {tmp_path / 'work' / 'pretrain' / 'checkpoints' / '5'}" in printed
-    with open(tmp_path / "work" / "finetune" / "eval" / "step_10.json") as f:
+    # fine-tuning steps count on from the checkpoint's: 5 + 10
+    with open(tmp_path / "work" / "finetune" / "eval" / "step_15.json") as f:
         results = json.load(f)["tasks"]["animal_or_fruit"]
     assert 0.0 <= results["accuracy"] <= 100.0 and results["loss"] > 0
