@@ -34,7 +34,7 @@ from t5lite.data import pipeline
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
-from t5lite.model.models import Model
+from t5lite.model.models import Model, without_prefix_attention
 from t5lite.optim import make_optimizer
 from t5lite.summaries import MetricsWriter
 from t5lite.train import data_model_type, load_eval_batches
@@ -68,7 +68,7 @@ class CheckpointEvaluator:
             task_feature_lengths=dict(task_feature_lengths),
             model_type=data_model_type(self.config, prefix_lm or has_inputs), batch_size=batch_size)
         if self.inference.causal_scoring:
-            self.loss_batches = {task: [evaluation.without_prefix_attention(b) for b in batches]
+            self.loss_batches = {task: [without_prefix_attention(b) for b in batches]
                                  for task, batches in self.loss_batches.items()}
         init = trainer.make_sharded_init(self.model, make_optimizer().tx,
                                          self.model.input_shapes(batch_size, task_feature_lengths), self.mesh, rules)

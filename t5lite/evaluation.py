@@ -95,12 +95,6 @@ def padded_batches(dataset: tf.data.Dataset, batch_size: int) -> Iterator[tuple[
         yield indices, padded
 
 
-def without_prefix_attention(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """seqio's prefix-LM features mark the prompt for bidirectional attention; a causal LM never saw
-    that in training, so it reads them without the mark (the loss weights still pick the targets)."""
-    return {k: v for k, v in batch.items() if k != "decoder_causal_attention"}
-
-
 class InferenceEvaluator:
     """Decodes and scores the eval tasks (with metric functions) of a mixture on given params."""
 
@@ -127,10 +121,7 @@ class InferenceEvaluator:
         )
         self._predict = jax.jit(functools.partial(model.predict_batch, config=self.decode_config,
                                                   bidirectional_prompt=not self.causal_scoring))
-        self._score = jax.jit(model.score_batch)
-
-    def _score_features(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return without_prefix_attention(batch) if self.causal_scoring else batch
+        self._score = jax.jit(functools.partial(model.score_batch, bidirectional_prompt=not self.causal_scoring))
 
     @property
     def task_names(self) -> list[str]:
@@ -153,7 +144,7 @@ class InferenceEvaluator:
         def score_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, float]]:
             out = []
             for indices, batch in padded_batches(dataset, self.batch_size):
-                scores = np.asarray(self._score(params, self._score_features(batch)))
+                scores = np.asarray(self._score(params, batch))
                 out.extend((int(j), float(s)) for j, s in zip(indices, scores, strict=False))
             return out
 

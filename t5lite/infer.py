@@ -206,9 +206,7 @@ def infer(
         config = dataclasses.replace(DecodeConfig(), max_decode_length=lengths["targets"])
         run = jax.jit(functools.partial(model.predict_batch, config=config, bidirectional_prompt=prefix_lm))
     else:
-        score = jax.jit(model.score_batch)
-        causal = not (prefix_lm or model.config.is_encoder_decoder)
-        run = lambda params, batch: score(params, evaluation.without_prefix_attention(batch) if causal else batch)  # noqa: E731
+        run = jax.jit(functools.partial(model.score_batch, bidirectional_prompt=prefix_lm))
 
     features = _model_features([e for _, e in todo], vocabulary, model, lengths)
     rng = jax.random.PRNGKey(seed)

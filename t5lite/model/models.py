@@ -104,6 +104,12 @@ def unstack_layers(params):
     return out
 
 
+def without_prefix_attention(batch: Batch) -> Batch:
+    """seqio's prefix-LM features mark the prompt for bidirectional attention; a causal LM never saw
+    that in training, so it reads them without the mark (the loss weights still pick the targets)."""
+    return {k: v for k, v in batch.items() if k != "decoder_causal_attention"}
+
+
 class Model:
     """A network plus what training and evaluation need from it: init, loss sums, predict, score."""
 
@@ -169,12 +175,16 @@ class Model:
             label_smoothing=label_smoothing, z_loss=z_loss,
         )
 
-    def score_batch(self, params, batch: Batch) -> Array:
+    def score_batch(self, params, batch: Batch, bidirectional_prompt: bool = True) -> Array:
         """Log-likelihood of each row's targets [batch] (float32): sum of log p(target token).
 
         Rows are single examples (an unpacked batch); decoder_loss_weights (default: target not
         padding) select the scored tokens, so a prefix-LM row scores its targets, not its prompt.
+        bidirectional_prompt=False: a decoder-only prompt marked by decoder_causal_attention is read
+        causally (a causal LM's), as predict_batch does.
         """
+        if not bidirectional_prompt:
+            batch = without_prefix_attention(batch)
         logits = self.logits(params, batch)
         weights = batch.get("decoder_loss_weights")
         if weights is None:
