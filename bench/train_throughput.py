@@ -70,9 +70,8 @@ def t5lite_train_throughput(config: TransformerConfig, batch: int, inputs: int, 
     init = trainer.make_sharded_init(model, tx, model.input_shapes(batch, lengths), mesh, rules)
     state = init.init_fn(jax.random.PRNGKey(0))
     data = random_batch(batch, inputs, targets)
-    step_fn = jax.jit(trainer.make_train_step(model, tx, optax.constant_schedule(1e-3),
-                                              loss_config=trainer.LossConfig(), use_dropout=False),
-                      donate_argnums=(0,))
+    step_fn = trainer.jit_train_step(model, tx, optax.constant_schedule(1e-3), init, mesh, rules,
+                                     loss_config=trainer.LossConfig(), use_dropout=False)
     device_batch = partitioning.shard_batch(data, mesh)
     key = jax.random.PRNGKey(0)
     t = time.perf_counter()
