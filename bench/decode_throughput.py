@@ -36,6 +36,7 @@ def t5lite_decode_throughput(batch: int, inputs: int, new_tokens: int, repeats: 
                      ["params"])(jax.random.PRNGKey(0))
     params = jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
                                     is_leaf=lambda x: hasattr(x, "unbox"))
+    params = jax.jit(model.decode_params)(params)  # once per checkpoint, as t5lite.eval / infer do
     # eos_id -1 never occurs: every row decodes all new_tokens, like the peer's min_new_tokens.
     decode = DecodeConfig(method="greedy", max_decode_length=new_tokens, eos_id=-1)
     predict = jax.jit(functools.partial(model.predict_batch, config=decode))

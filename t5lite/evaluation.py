@@ -133,11 +133,14 @@ class InferenceEvaluator:
         if not self.task_names:
             return {}
         rng = jax.random.PRNGKey(step) if rng is None else rng
+        decode_params = []  # split per layer once, by the first task that decodes
 
         def predict_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, list[int]]]:
+            if not decode_params:
+                decode_params.append(jax.jit(self.model.decode_params)(params))
             out = []
             for i, (indices, batch) in enumerate(padded_batches(dataset, self.batch_size)):
-                tokens, _ = self._predict(params, batch, rng=jax.random.fold_in(rng, i))
+                tokens, _ = self._predict(decode_params[0], batch, rng=jax.random.fold_in(rng, i))
                 out.extend((int(j), row.tolist()) for j, row in zip(indices, np.asarray(tokens), strict=False))
             return out
 

@@ -205,6 +205,7 @@ def infer(
     if mode == "predict":
         config = dataclasses.replace(DecodeConfig(), max_decode_length=lengths["targets"])
         run = jax.jit(functools.partial(model.predict_batch, config=config, bidirectional_prompt=prefix_lm))
+        params = jax.jit(model.decode_params)(params)
     else:
         run = jax.jit(functools.partial(model.score_batch, bidirectional_prompt=prefix_lm))
 

@@ -94,6 +94,17 @@ def test_cached_greedy_equals_full_forward_greedy_encoder_decoder(scan_layers):
     np.testing.assert_array_equal(tokens, expected)
 
 
+def test_params_split_per_layer_once_decode_like_scanned_params():
+    model, params = _encdec(scan_layers=True)
+    decode_params = jax.jit(model.decode_params)(params)
+    assert "layers" not in decode_params["encoder"] and "layers_0" in decode_params["encoder"]
+    config = DecodeConfig(max_decode_length=MAX_NEW, eos_id=63)
+    tokens, scores = _predict(model, params, _encdec_batch(), config)
+    split_tokens, split_scores = _predict(model, decode_params, _encdec_batch(), config)
+    np.testing.assert_array_equal(split_tokens, tokens)
+    np.testing.assert_allclose(split_scores, scores, rtol=1e-6)
+
+
 def test_cached_greedy_with_prefix_lm_prompts_equals_full_forward_greedy_decoder_only():
     # Prompts of different lengths, attended both ways (as in prefix-LM training) in the prefill and
     # by the rows still inside their prompt in the loop.
