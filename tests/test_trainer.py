@@ -152,3 +152,24 @@ def test_sharded_init_places_params_by_logical_rules():
     assert emb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
     mu = state.opt_state[0].mu["token_embedder"]["embedding"]
     assert mu.sharding == emb.sharding  # Adam moments follow their parameter
+
+
+def test_cpu_compiler_options_change_the_train_step_only_by_rounding(model_and_params):
+    """jit_train_step compiles with trainer.CPU_TRAIN_COMPILER_OPTIONS on CPU (YNNPACK fuses each
+    matmul with its producers): the update must equal the one XLA's default compile gives."""
+    model, _ = model_and_params
+    tx = optax.adamw(1e-2)
+    mesh, rules = partitioning.make_mesh(), partitioning.axis_rules("dp")
+    assert trainer.train_compiler_options(mesh) == trainer.CPU_TRAIN_COMPILER_OPTIONS
+    init = trainer.make_sharded_init(model, tx, model.input_shapes(4, {"inputs": 10, "targets": 6}), mesh, rules)
+    batch = partitioning.shard_batch(_batch(1), mesh)
+    fused = trainer.jit_train_step(model, tx, optax.constant_schedule(1e-2), init, mesh, rules,
+                                   loss_config=trainer.LossConfig(), use_dropout=False)
+    default = jax.jit(trainer.make_train_step(model, tx, optax.constant_schedule(1e-2),
+                                              loss_config=trainer.LossConfig(), use_dropout=False))
+    key = jax.random.PRNGKey(0)
+    (a, ma), (b, mb) = fused(init.init_fn(key), batch, key), default(init.init_fn(key), batch, key)
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
+    np.testing.assert_allclose(ma["grad_norm"], mb["grad_norm"], rtol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
