@@ -7,6 +7,8 @@ init, float32, batch 8, 512 random input tokens, 64 new tokens: the setting of
 ../shared/bench/peers/hf_t5_train.py (run as "8 512 114 1 1 64": a one-step train part, then its
 greedy generate with min_new_tokens=64). Both count batch * 64 new tokens over the whole call
 (encoder included) and never stop early at EOS. Compare the ratio, not absolute numbers.
+t5lite runs in its own process with the glibc malloc settings of t5lite's entry points
+(t5lite/host_memory.py); the peer with this process's environment.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.train_throughput import T5_1_1_SMALL, run_peer  # noqa: E402
+from bench.train_throughput import T5_1_1_SMALL, run_measured, run_peer  # noqa: E402
+from t5lite import host_memory  # noqa: E402
 from t5lite.model.decoding import DecodeConfig  # noqa: E402
 from t5lite.model.models import Model  # noqa: E402
 
@@ -61,6 +64,7 @@ def peer_decode_throughput(peer_python: str, batch: int, inputs: int, new_tokens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--t5lite_row", action="store_true", help="child-process mode: the t5lite measurement")
     parser.add_argument("--peer_python", default=os.path.expanduser("~/peer-venv/bin/python"))
     parser.add_argument("--skip_peer", action="store_true")
     parser.add_argument("--batch", type=int, default=8)
@@ -69,7 +73,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    rows = [t5lite_decode_throughput(args.batch, args.inputs, args.new_tokens, args.repeats)]
+    if args.t5lite_row:
+        print(json.dumps(t5lite_decode_throughput(args.batch, args.inputs, args.new_tokens, args.repeats)))
+        return
+    # t5lite in its own process, with the malloc settings t5lite.eval / infer restart with.
+    row_args = ["--batch", str(args.batch), "--inputs", str(args.inputs), "--new_tokens", str(args.new_tokens),
+                "--repeats", str(args.repeats)]
+    rows = [run_measured([sys.executable, os.path.abspath(__file__), "--t5lite_row", *row_args],
+                         host_memory.process_env())[0]]
     if not args.skip_peer:
         rows.append(peer_decode_throughput(args.peer_python, args.batch, args.inputs, args.new_tokens))
     for row in rows:

@@ -13,7 +13,9 @@ process, so its peak host memory (max RSS, from os.wait4) is its own; rows of on
 after another, and --rounds N repeats the table's rows N times interleaved, keeping each row's
 best median step (machines here are shared and noisy: compare ratios within a run, not absolute numbers).
 MFU = model FLOPs (t5lite.model.flops, the same count for both) / step time / the CPU's matmul
-peak measured at the start.
+peak measured at the start. t5lite rows run with the glibc malloc settings that `python -m
+t5lite.train` restarts itself with (t5lite/host_memory.py); peer rows with this process's
+environment (set GLIBC_TUNABLES yourself to give every row the same).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from t5lite import observability, partitioning, trainer  # noqa: E402
+from t5lite import host_memory, observability, partitioning, trainer  # noqa: E402
 from t5lite.model import flops  # noqa: E402
 from t5lite.model.config import TransformerConfig  # noqa: E402
 from t5lite.model.models import Model  # noqa: E402
@@ -89,10 +91,10 @@ def t5lite_train_throughput(config: TransformerConfig, batch: int, inputs: int, 
             "train_tokens_per_s": batch * (inputs + targets) / step_s}
 
 
-def run_measured(cmd: list[str]) -> tuple[dict, int]:
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[dict, int]:
     """Runs `cmd` in its own process; -> (the JSON line it prints last, its peak RSS in bytes)."""
     with open(os.devnull, "w") as devnull:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=devnull, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=devnull, text=True, env=env)
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -158,7 +160,9 @@ def main() -> None:
     results: dict[Row, dict] = {}
     for _ in range(args.rounds):
         for row in rows:
-            result, rss = run_measured(row_command(row, args))
+            # t5lite rows run with the malloc settings its entry points restart with; peers as they are.
+            env = None if row.impl == "peer" else host_memory.process_env()
+            result, rss = run_measured(row_command(row, args), env)
             result["peak_rss_bytes"] = rss
             best = results.get(row)
             if best is None or result["median_step_s"] < best["median_step_s"]:
@@ -172,6 +176,8 @@ def main() -> None:
         print(json.dumps({"shape": row.shape, "impl": row.impl, **r}))
     print(f"\nmachine: {os.cpu_count()} CPUs, jax {jax.__version__}, load average {load_before[0]:.1f} before / "
           f"{load_after[0]:.1f} after; matmul peak (1536^2 float32, jax) {peak / 1e9:.1f} GFLOP/s")
+    print(f"GLIBC_TUNABLES: t5lite rows {host_memory.process_env().get('GLIBC_TUNABLES', '(unset)')}; "
+          f"peer rows {os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     print(f"{'shape':34s} {'impl':16s} {'step s':>7s} {'tok/s':>7s} {'vs peer':>7s} {'MFU':>6s} "
           f"{'compile s':>9s} {'peak RSS':>9s}")
     for row, r in results.items():
