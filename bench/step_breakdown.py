@@ -30,9 +30,14 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.train_throughput import T5_1_1_SMALL, random_batch  # noqa: E402
-from t5lite import trainer  # noqa: E402
+from t5lite import host_memory, partitioning, trainer  # noqa: E402
 from t5lite.model import layers  # noqa: E402
 from t5lite.model.models import Model, loss_and_metric_sums  # noqa: E402
+
+
+def _jit(fn):
+    """jax.jit with the XLA options t5lite compiles its train step with, so pieces time as in it."""
+    return jax.jit(fn, compiler_options=trainer.train_compiler_options(partitioning.make_mesh()))
 
 
 def best_seconds(fn, *args, repeats: int) -> tuple[float, float]:
@@ -53,7 +58,7 @@ def fwd_bwd(module, params, *inputs):
     """jitted grad of sum(module output) w.r.t. params and the first input."""
     def f(p, x, *rest):
         return jnp.sum(module.apply({"params": p}, x, *rest))
-    return jax.jit(jax.grad(f, argnums=(0, 1))), (params, *inputs)
+    return _jit(jax.grad(f, argnums=(0, 1))), (params, *inputs)
 
 
 def pieces(config, batch_size: int, inputs: int, targets: int):
@@ -74,20 +79,20 @@ def pieces(config, batch_size: int, inputs: int, targets: int):
     def attention(xq, xkv, bias):
         mha = layers.MultiHeadAttention(h, d, dt)
         p = mha.init(key, xq, xkv, bias, True)["params"]
-        fn = jax.jit(jax.grad(lambda p, q, kv, b: jnp.sum(mha.apply({"params": p}, q, kv, b, True)), argnums=(0, 1, 2)))
+        fn = _jit(jax.grad(lambda p, q, kv, b: jnp.sum(mha.apply({"params": p}, q, kv, b, True)), argnums=(0, 1, 2)))
         return fn, (p, xq, xkv, bias)
 
     def step():
         state = jax.jit(lambda k: trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))(key)
-        fn = jax.jit(trainer.make_train_step(model, tx, optax.constant_schedule(1e-3), loss_config=trainer.LossConfig(),
-                                             use_dropout=False))
+        fn = _jit(trainer.make_train_step(model, tx, optax.constant_schedule(1e-3), loss_config=trainer.LossConfig(),
+                                          use_dropout=False))
         return fn, (state, data, key)
 
     def grad():
-        return jax.jit(jax.grad(lambda p, b: model.loss_sums(p, b, z_loss=1e-4)[0])), (params, data)
+        return _jit(jax.grad(lambda p, b: model.loss_sums(p, b, z_loss=1e-4)[0])), (params, data)
 
     def forward():
-        return jax.jit(lambda p, b: model.loss_sums(p, b, z_loss=1e-4)[0]), (params, data)
+        return _jit(lambda p, b: model.loss_sums(p, b, z_loss=1e-4)[0]), (params, data)
 
     def optimizer():
         opt_state = tx.init(params)
@@ -97,7 +102,7 @@ def pieces(config, batch_size: int, inputs: int, targets: int):
             p2 = optax.apply_updates(p, updates)
             finite = jnp.isfinite(optax.tree.norm(g))
             return jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), (p2, s2), (p, s))
-        return jax.jit(update), (params, params, opt_state)
+        return _jit(update), (params, params, opt_state)
 
     def bias():
         rpb = layers.RelativePositionBias(h, bidirectional=True)
@@ -105,12 +110,12 @@ def pieces(config, batch_size: int, inputs: int, targets: int):
 
         def f(p, seg):
             return jnp.sum(jnp.sin(rpb.apply({"params": p}, inputs, inputs) + layers.attention_mask_bias(seg, seg)))
-        return jax.jit(jax.grad(f)), (p, seg_e)
+        return _jit(jax.grad(f)), (p, seg_e)
 
     def mlp():
         m = layers.GatedMlp(config.mlp_dim, dt)
         p = m.init(key, x_enc, True)["params"]
-        return jax.jit(jax.grad(lambda p, x: jnp.sum(m.apply({"params": p}, x, True)), argnums=(0, 1))), (p, x_enc)
+        return _jit(jax.grad(lambda p, x: jnp.sum(m.apply({"params": p}, x, True)), argnums=(0, 1))), (p, x_enc)
 
     def loss_head():
         w = params["decoder"]["logits_dense"]
@@ -119,7 +124,7 @@ def pieces(config, batch_size: int, inputs: int, targets: int):
         def f(w, x):
             logits = jnp.einsum("ble,ev->blv", x, w.astype(dt)).astype(jnp.float32)
             return loss_and_metric_sums(logits, tgt, jnp.ones_like(tgt), z_loss=1e-4)[0]
-        return jax.jit(jax.grad(f, argnums=(0, 1))), (w, x_dec)
+        return _jit(jax.grad(f, argnums=(0, 1))), (w, x_dec)
 
     enc_bias = jnp.zeros((batch_size, h, inputs, inputs), jnp.float32)
     return {
@@ -132,6 +137,8 @@ def pieces(config, batch_size: int, inputs: int, targets: int):
 
 
 def main() -> None:
+    # Time the step in the process t5lite.train would run it in (its malloc settings).
+    host_memory.restart_with_tunables(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pieces", default="step,grad,forward,optimizer,encoder_attention,decoder_attention,"
                         "cross_attention,mlp,bias,loss_head")

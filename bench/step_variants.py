@@ -30,7 +30,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.train_throughput import T5_1_1_SMALL, random_batch  # noqa: E402
-from t5lite import partitioning, trainer  # noqa: E402
+from t5lite import host_memory, partitioning, trainer  # noqa: E402
 from t5lite.model import layers  # noqa: E402
 from t5lite.model.models import Model  # noqa: E402
 
@@ -61,7 +61,9 @@ def compiled_step(name: str, batch: int, inputs: int, targets: int):
     state = init.init_fn(key)
     t = time.perf_counter()
     try:
-        fn = jax.jit(step, donate_argnums=(0,)).lower(state, data, key).compile(compiler_options or None)
+        # The variant's options on top of those t5lite compiles its train step with (trainer.jit_train_step).
+        options = {**(trainer.train_compiler_options(mesh) or {}), **compiler_options}
+        fn = jax.jit(step, donate_argnums=(0,)).lower(state, data, key).compile(options or None)
     finally:
         if name == "mlp_autodiff":
             layers.gated_gelu = original
@@ -78,6 +80,8 @@ def _without_guard(model, tx):
 
 
 def main() -> None:
+    # Time the step in the process t5lite.train would run it in (its malloc settings).
+    host_memory.restart_with_tunables(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="base,unrolled")
     parser.add_argument("--rounds", type=int, default=3)

@@ -25,7 +25,7 @@ if __name__ == "__main__":
 
     from t5lite import host_memory
 
-    host_memory.restart_with_tunables("t5lite.finetune")  # faster malloc on CPU; see host_memory
+    host_memory.restart_with_tunables("-m", "t5lite.finetune")  # faster malloc on CPU; see host_memory
     from t5lite import finetune as _finetune_module
 
     sys.exit(_finetune_module.main())

@@ -53,10 +53,13 @@ def process_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     return env
 
 
-def restart_with_tunables(module: str) -> None:
-    """Re-executes `python -m module ARGS` with TUNABLES if wanted; returns only if not."""
+def restart_with_tunables(*python_args: str) -> None:
+    """Re-executes `python PYTHON_ARGS ARGS` with TUNABLES if wanted; returns only if not.
+
+    python_args: how this process was started, e.g. ("-m", "t5lite.train") or (script_path,);
+    ARGS are its sys.argv[1:]."""
     if not wanted():
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], process_env())
+    os.execve(sys.executable, [sys.executable, *python_args, *sys.argv[1:]], process_env())

@@ -20,7 +20,7 @@ if __name__ == "__main__":
 
     from t5lite import host_memory
 
-    host_memory.restart_with_tunables("t5lite.infer")  # faster malloc on CPU; see host_memory
+    host_memory.restart_with_tunables("-m", "t5lite.infer")  # faster malloc on CPU; see host_memory
     from t5lite import infer as _infer_module  # register gin configurables once, not as __main__.*
 
     sys.exit(_infer_module.main())

@@ -15,7 +15,7 @@ if __name__ == "__main__":
 
     from t5lite import host_memory
 
-    host_memory.restart_with_tunables("t5lite.train")  # faster malloc on CPU; see host_memory
+    host_memory.restart_with_tunables("-m", "t5lite.train")  # faster malloc on CPU; see host_memory
     from t5lite import train as _train_module
 
     sys.exit(_train_module.main())

@@ -14,7 +14,7 @@ PROBE = textwrap.dedent("""
     import ctypes, os, sys
     if __name__ == "__main__":
         from t5lite import host_memory
-        host_memory.restart_with_tunables("probe_entry_point")
+        host_memory.restart_with_tunables("-m", "probe_entry_point")
         libc = ctypes.CDLL(None)
         libc.malloc.restype = ctypes.c_void_p
         size = 256 * 2**20  # above glibc's largest mmap threshold: an mmap'd block by default
