@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from t5lite.errors import UserError
+from t5lite.model import decoding
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig, filter_logits
+from t5lite.model.layers import project
 from t5lite.model.models import Model
 
 TINY = TransformerConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48,
@@ -255,3 +257,27 @@ def test_bad_decode_settings_are_user_errors():
         DecodeConfig(method="nucleus")
     with pytest.raises(UserError, match="top_p"):
         DecodeConfig(top_p=0.0)
+
+
+def test_argmax_equals_jnp_argmax_with_ties_infinities_and_nan():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 3, 1000)).astype(np.float32)
+    logits[0, 0, [5, 17, 900]] = 50.0  # a tie: the first index wins
+    logits[1, 1, :] = -np.inf  # all -inf: index 0
+    logits[2, 2, [7, 30]] = np.inf
+    logits[3, 0, [400, 12]] = np.nan  # NaN wins, the first one
+    logits[3, 1, 999] = np.nan
+    np.testing.assert_array_equal(decoding.argmax(jnp.asarray(logits)), jnp.argmax(jnp.asarray(logits), axis=-1))
+    assert decoding.argmax(jnp.asarray(logits)).dtype == jnp.argmax(jnp.asarray(logits), axis=-1).dtype
+
+
+def test_fused_projections_equal_separate_ones():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+    kernels = [jnp.asarray(rng.standard_normal((16, 4, 3)), jnp.float32) for _ in range(3)]
+    fused = project(x, kernels, dtype=jnp.float32, fused=True)
+    separate = project(x, kernels, dtype=jnp.float32, fused=False)
+    for a, b, kernel in zip(fused, separate, kernels, strict=True):
+        assert a.shape == (2, 5, 4, 3)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b, jnp.einsum("ble,ehd->blhd", x, kernel), rtol=1e-5, atol=1e-5)

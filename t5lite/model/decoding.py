@@ -98,6 +98,22 @@ def decode(
                               max_new=config.max_decode_length)
 
 
+def argmax(logits: Array) -> Array:
+    """jnp.argmax over the last axis (the first maximal index; the first NaN if there is one).
+
+    The same result as jnp.argmax, faster on XLA:CPU, which lowers argmax to a slow variadic
+    (value, index) reduce: [8, 32128] logits (a T5-small decode step) 0.14 ms instead of 0.58 ms;
+    [8, 114, 32128] (the training accuracy) ~28 ms instead of 65 ms. Here: plain reductions, a
+    max and then the smallest index holding it.
+    """
+    is_nan = jnp.isnan(logits)
+    # XLA:CPU's max does not always propagate NaN, so rows holding one pick among their NaNs.
+    is_largest = jnp.where(jnp.any(is_nan, axis=-1, keepdims=True), is_nan,
+                           logits == jnp.max(logits, axis=-1, keepdims=True))
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(is_largest, index, logits.shape[-1]), axis=-1)
+
+
 def filter_logits(logits: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
     """Sets logits [batch, vocab] outside the top-k / top-p (nucleus) set to NEG_INF."""
     if top_k > 0:
@@ -136,7 +152,7 @@ def temperature_sample(
         logits, cache = step(cache, token, index)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         if temperature == 0.0:
-            chosen = jnp.argmax(logits, axis=-1)
+            chosen = argmax(logits)
         else:
             filtered = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
             chosen = jax.random.categorical(jax.random.fold_in(rng, index), filtered, axis=-1)

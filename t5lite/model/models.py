@@ -57,7 +57,7 @@ def loss_and_metric_sums(
     loss, z_term, nll = cross_entropy_with_z_loss(
         logits, targets, label_smoothing=label_smoothing, z_loss=z_loss
     )
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (decoding.argmax(logits) == targets).astype(jnp.float32)
     loss_sum = jnp.sum(loss * weights)
     metrics = {
         "loss": loss_sum,

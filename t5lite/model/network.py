@@ -91,7 +91,7 @@ class DecoderLayer(nn.Module):
             )(h, encoded, cross_bias, self.deterministic)
             x = x + _dropout(cfg, h, self.deterministic)
         h = RMSNorm(dtype=dt, name="pre_mlp_layer_norm")(x)
-        h = GatedMlp(cfg.mlp_dim, dt, cfg.dropout_rate, name="mlp")(h, self.deterministic)
+        h = GatedMlp(cfg.mlp_dim, dt, cfg.dropout_rate, fused_wi=self.decode, name="mlp")(h, self.deterministic)
         x = x + _dropout(cfg, h, self.deterministic)
         return constrain(x, ("batch", "length", "embed")), None
 
