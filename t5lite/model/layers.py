@@ -107,6 +107,8 @@ class MultiHeadAttention(nn.Module):
       cross-attention (`cache_index` None): keys/values of `inputs_kv` (the encoder output) are
         computed and cached when it is given; a call with inputs_kv=None reuses them, so they
         are computed once per sequence, not at every step.
+    Decoding also projects what shares an input with one matmul (`project`): q, k and v when
+    `inputs_kv is inputs_q` (self-attention), k and v of the encoder output.
     """
 
     num_heads: int
