@@ -6,19 +6,23 @@ tests/test_partitioning.py, which runs it in a subprocess: the device count is f
 ARGS are t5lite.train flags shared by every run. Prints one JSON line per preset:
 {"preset", "mesh", "trained_mesh" (model-info.txt's line), "losses" (per logged step), "param_specs"
 and "state_specs" (name -> mesh axes of the arrays the sharded init places, for a few parameters
-and their Adafactor statistics)}.
+and their Adafactor statistics), "decode" (greedy decoding with those sharded params on the mesh
+against the same params on one device: tokens equal, largest score difference)}.
 """
 
+import functools
 import json
 import os
 import sys
 
 import gin
 import jax
+import numpy as np
 
 from t5lite import partitioning, trainer
 from t5lite import train as train_lib
 from t5lite.model.config import TransformerConfig
+from t5lite.model.decoding import DecodeConfig
 from t5lite.model.models import Model
 from t5lite.optim import make_optimizer
 
@@ -32,6 +36,19 @@ def _specs(tree, names) -> dict[str, list]:
     flat = {partitioning._path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     return {n: [a if a is None or isinstance(a, str) else list(a) for a in flat[n].sharding.spec]
             for n in names if n in flat}
+
+
+def _sharded_against_one_device_decoding(model: Model, params, mesh) -> dict:
+    """Greedy decoding with `params` as sharded on `mesh` and with a one-device copy of them."""
+    batch = {"encoder_input_tokens": np.random.default_rng(0).integers(2, 100, (8, 64)).astype(np.int32)}
+    predict = jax.jit(functools.partial(model.predict_batch, config=DecodeConfig(max_decode_length=8, eos_id=-1)))
+    with jax.set_mesh(mesh):  # as t5lite.eval and train's inference evaluation run it
+        tokens, scores = predict(jax.jit(model.decode_params)(params), batch)
+    one_device = jax.device_put(jax.device_get(params), jax.devices()[0])
+    ref_tokens, ref_scores = predict(jax.jit(model.decode_params)(one_device), batch)
+    return {"tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
+            "score_diff": float(np.max(np.abs(np.asarray(scores) - np.asarray(ref_scores)))),
+            "score_scale": float(np.max(np.abs(ref_scores)))}
 
 
 def main(out_dir: str, args: list[str]) -> None:
@@ -60,6 +77,7 @@ def main(out_dir: str, args: list[str]) -> None:
             "param_specs": _specs(state.params, CHECKED_PARAMS),
             "state_specs": {"v_row": _specs(factored.v_row, CHECKED_PARAMS),
                             "v_col": _specs(factored.v_col, CHECKED_PARAMS)},
+            "decode": _sharded_against_one_device_decoding(model, state.params, mesh),
         }), flush=True)
 
 
