@@ -243,7 +243,10 @@ class Model:
                                          encoded, method="decode", mutable=["cache"])
 
             cache = self._zero_cache(run, batch_size, length, encoder_segment_ids, encoded)
-            prefill = lambda c, t: run(c, t, 0, encoder_segment_ids, encoded)[1]["cache"]  # noqa: E731
+            # The prefill only computes the cross-attention keys/values: it gets no tokens, as the
+            # loop's first step feeds BOS (position 0) itself. Feeding BOS here too ran one more
+            # full decoder step (~10 ms of ~1.25 s for T5 v1.1 small, batch 8).
+            prefill = lambda c, t: run(c, t[:, :0], 0, encoder_segment_ids, encoded)[1]["cache"]  # noqa: E731
             step_args = (step_segment_ids,)
         else:
             def run(cache, tokens, index, prefix_lengths=None):
