@@ -74,19 +74,19 @@ class Embed(nn.Module):
 
 
 def project(x: Array, kernels: Sequence[Array], *, dtype: jnp.dtype, fused: bool) -> list[Array]:
-    """x [batch, length, embed] times each kernel [embed, heads, kv] -> [batch, length, heads, kv] each.
+    """x [batch, length, embed] times each kernel [embed, ...] -> [batch, length, ...] each.
 
-    fused: one matmul over the kernels stacked on a new axis (a heads-sharded kernel stays
-    sharded, no communication). Decoding uses it: on CPU a step's [8, 512] x [512, 3 * 384] takes
-    about half the time of three [512, 384] products, too small to run at memory bandwidth.
-    Training does not: XLA:CPU builds the stacked output's gradient with a slow pad-and-add
-    (the scanned T5-small train step was 6-8% slower fused).
+    fused: one matmul over the kernels stacked on a new axis (a sharded kernel stays sharded, no
+    communication). Decoding uses it: on CPU a step's [8, 512] x [512, 3 * 384] takes about half
+    the time of three [512, 384] products, too small to run at memory bandwidth. Training does
+    not: XLA:CPU builds the stacked output's gradient with a slow pad-and-add (the scanned
+    T5-small train step was 6-8% slower fused).
     """
     x = x.astype(dtype)
     if not fused or len(kernels) == 1:
-        return [jnp.einsum("ble,ehd->blhd", x, kernel.astype(dtype)) for kernel in kernels]
-    stacked = jnp.stack([kernel.astype(dtype) for kernel in kernels], axis=1)  # [embed, n, heads, kv]
-    y = jnp.einsum("ble,enhd->blnhd", x, stacked)
+        return [jnp.einsum("ble,e...->bl...", x, kernel.astype(dtype)) for kernel in kernels]
+    stacked = jnp.stack([kernel.astype(dtype) for kernel in kernels], axis=1)  # [embed, n, ...]
+    y = jnp.einsum("ble,en...->bln...", x, stacked)
     return [y[:, :, i] for i in range(len(kernels))]
 
 
@@ -238,13 +238,7 @@ class GatedMlp(nn.Module):
         wi_1 = logical_param(self, "wi_1", init, (emb, self.mlp_dim), ("embed", "mlp"))
         wo = logical_param(self, "wo", init, (self.mlp_dim, emb), ("mlp", "embed"))
         dt = self.dtype
-        x = x.astype(dt)
-        if self.fused_wi:
-            both = jnp.einsum("ble,enm->blnm", x, jnp.stack([wi_0.astype(dt), wi_1.astype(dt)], axis=1))
-            gate, linear = both[:, :, 0], both[:, :, 1]
-        else:
-            gate, linear = jnp.einsum("ble,em->blm", x, wi_0.astype(dt)), jnp.einsum("ble,em->blm", x, wi_1.astype(dt))
-        hidden = gated_gelu(gate, linear)
+        hidden = gated_gelu(*project(x, (wi_0, wi_1), dtype=dt, fused=self.fused_wi))
         hidden = constrain(hidden, ("batch", "length", "mlp"))
         # Dropout on the hidden units, broadcast over length as in T5X.
         hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
