@@ -10,7 +10,9 @@ jax.process_index() says which host this is, and jitted steps span all of them.
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax._src import hardware_utils  # the TPU-chip probe jax itself uses, without starting a backend
+from jax.experimental import multihost_utils
 
 from t5lite.errors import UserError
 
@@ -37,3 +39,11 @@ def initialize_distributed(
         jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
     elif hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
         jax.distributed.initialize()
+
+
+def agree(value: int) -> int:
+    """Process 0's `value` on every process (e.g. which checkpoint to evaluate next, as one host
+    lists the directory): SPMD programs run in lockstep only if every process makes the same choice."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))

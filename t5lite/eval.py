@@ -8,6 +8,9 @@ and/or scored; see t5lite.evaluation). CHECKPOINT_PATH is one checkpoint (MODEL_
 <step>) or a MODEL_DIR (its latest checkpoint). --watch evaluates every checkpoint of MODEL_DIR not
 evaluated yet, then polls for new ones. Results: <output_dir>/step_<step>.json, TensorBoard under
 <output_dir>/tensorboard/<task> and <output_dir>/metrics.jsonl (output_dir: MODEL_DIR/eval).
+Batches are split over the mesh's data axes; with several processes (--coordinator_address etc.,
+or a TPU VM slice) every process reads the same examples and decodes its share of each batch,
+process 0 picks the checkpoints and writes the results, which equal one process's.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import gin
 import jax
 import seqio
 
-from t5lite import evaluation, fileio, gin_cli, partitioning, trainer
+from t5lite import distributed, evaluation, fileio, gin_cli, partitioning, trainer
 from t5lite.data import pipeline
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
@@ -56,16 +59,20 @@ class CheckpointEvaluator:
         self.model = Model(self.config)
         self.mesh = partitioning.make_mesh()
         rules = partitioning.axis_rules(partitioning_preset)
+        partitioning.check_batch_size(batch_size, self.mesh)
+        self.is_chief = jax.process_index() == 0
         self.tasks = pipeline.list_tasks_of(mixture_or_task_name)
         self.inference = evaluation.InferenceEvaluator(
-            self.model, mixture_or_task_name, split=eval_split, task_feature_lengths=task_feature_lengths,
-            batch_size=batch_size, decode_config=DecodeConfig(), num_examples=num_examples, seed=seed,
-            prefix_lm=prefix_lm)
-        for task in self.inference.tasks_without_metrics:
+            self.model, mixture_or_task_name, mesh=self.mesh, rules=rules, split=eval_split,
+            task_feature_lengths=task_feature_lengths, batch_size=batch_size, decode_config=DecodeConfig(),
+            num_examples=num_examples, seed=seed, prefix_lm=prefix_lm)
+        for task in self.inference.tasks_without_metrics if self.is_chief else ():
             print(f"note: task {task!r} has no metric functions (seqio metric_fns): only its teacher-forced "
                   "loss is reported. Add metric_fns to the Task for decoded or scored metrics.", flush=True)
         # Tasks with inputs get prefix-LM features on a decoder-only model; a causal LM reads them causally.
         has_inputs = "inputs" in seqio.get_mixture_or_task(mixture_or_task_name).output_features
+        # Every host reads the same whole batches (see t5lite.inference), so the figures do not
+        # depend on the number of hosts.
         self.loss_batches = load_eval_batches(
             self.tasks, split=eval_split, max_batches=loss_batches, seed=seed,
             task_feature_lengths=dict(task_feature_lengths),
@@ -80,18 +87,23 @@ class CheckpointEvaluator:
         self.eval_step = jax.jit(partitioning.with_sharding_rules(eval_step, self.mesh, rules),
                                  in_shardings=(init.state_shardings.params, partitioning.batch_sharding(self.mesh)))
         self.output_dir = output_dir
-        fileio.makedirs(output_dir)
+        if self.is_chief:
+            fileio.makedirs(output_dir)
 
     def results_path(self, step: int) -> str:
         return os.path.join(self.output_dir, f"step_{step}.json")
 
     def evaluate(self, checkpoints_dir: str, step: int) -> dict[str, dict[str, float]]:
-        """Restores `step`, evaluates every task, writes JSON + TensorBoard; -> task -> metric -> value."""
+        """Restores `step`, evaluates every task, writes JSON + TensorBoard (process 0); -> task -> metric
+        -> value. Every process must call it with the same step."""
         params = evaluation.restore_params(checkpoints_dir, step, self.abstract_params)
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh):  # as train.py does (`with mesh:` no longer sets it in jax 0.10)
-            loss = teacher_forced_evaluate(self.eval_step, params, self.loss_batches, self.mesh)
+            loss = teacher_forced_evaluate(self.eval_step, params, self.loss_batches, self.mesh,
+                                           place_batch=partitioning.global_batch)
         results = evaluation.merge_results(loss, self.inference.evaluate(params, step))
+        if not self.is_chief:
+            return results
         writer = MetricsWriter(self.output_dir)
         for task, metrics in results.items():
             writer.write(task, step, metrics)
@@ -132,10 +144,7 @@ def evaluate(
     checkpoints_dir, step = evaluation.resolve_checkpoint_path(checkpoint_path)
     output_dir = output_dir or os.path.join(os.path.dirname(checkpoints_dir), "eval")
     if not watch and step is None:
-        steps = evaluation.checkpoint_steps(checkpoints_dir)
-        if not steps:
-            raise UserError(f"No checkpoint in {checkpoints_dir!r}.")
-        step = steps[-1]
+        step = distributed.agree(evaluation.latest_checkpoint_step(checkpoints_dir))
     evaluator = CheckpointEvaluator(
         mixture_or_task_name=mixture_or_task_name, eval_split=eval_split,
         task_feature_lengths=task_feature_lengths, batch_size=batch_size, num_examples=num_examples,
@@ -147,14 +156,21 @@ def evaluate(
     all_results = {}
     last_new = time.monotonic()
     while watch_timeout_s is None or time.monotonic() - last_new < watch_timeout_s:
-        # Steps with a results file were evaluated by an earlier run: a restarted watcher resumes.
-        new = [s for s in evaluation.checkpoint_steps(checkpoints_dir) if not fileio.exists(evaluator.results_path(s))]
-        for s in new:
+        # Process 0's listing decides, so every process evaluates the same checkpoint (or waits).
+        s = distributed.agree(_oldest_unevaluated_step(evaluator, checkpoints_dir) if evaluator.is_chief else -1)
+        if s >= 0:
             all_results[s] = evaluator.evaluate(checkpoints_dir, s)
             last_new = time.monotonic()
-        if not new:
+        else:
             time.sleep(watch_interval_s)
     return all_results
+
+
+def _oldest_unevaluated_step(evaluator: CheckpointEvaluator, checkpoints_dir: str) -> int:
+    """The oldest checkpoint without a results file, or -1. A results file means an earlier run
+    evaluated it: a restarted watcher resumes."""
+    new = [s for s in evaluation.checkpoint_steps(checkpoints_dir) if not fileio.exists(evaluator.results_path(s))]
+    return new[0] if new else -1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # --watch is the one flag besides gin's; it overrides evaluate.watch.
         overrides = {"watch": True} if "--watch" in argv else {}
         args, bindings = gin_cli.parse_args([a for a in argv if a != "--watch"], description=__doc__)
+        distributed.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         gin_cli.parse_gin(args.gin_file, bindings, [p for p in args.gin_search_paths.split(",") if p])
         evaluate(**overrides)
     except UserError as e:

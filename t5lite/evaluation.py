@@ -9,7 +9,6 @@ training. EarlyStopping watches one metric of the evaluation results.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,8 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import seqio
 import tensorflow as tf
+from jax.sharding import Mesh
 
-from t5lite import checkpoints, fileio
+from t5lite import checkpoints, fileio, inference
 from t5lite.data import pipeline
 from t5lite.errors import UserError
 from t5lite.model.decoding import DecodeConfig
@@ -47,6 +47,13 @@ def checkpoint_steps(checkpoints_dir: str) -> list[int]:
     """Finished checkpoints in a directory, read afresh and read-only: a Checkpointer here would
     clean up (delete) the save a running training has in flight."""
     return sorted(ocp.path.step.checkpoint_steps(checkpoints_dir))
+
+
+def latest_checkpoint_step(checkpoints_dir: str) -> int:
+    steps = checkpoint_steps(checkpoints_dir)
+    if not steps:
+        raise UserError(f"No checkpoint in {checkpoints_dir!r}.")
+    return steps[-1]
 
 
 def restore_params(checkpoints_dir: str, step: int, abstract_params: Any) -> Any:
@@ -99,18 +106,19 @@ class InferenceEvaluator:
     """Decodes and scores the eval tasks (with metric functions) of a mixture on given params."""
 
     def __init__(
-        self, model: Model, mixture_or_task_name: str, *, split: str, task_feature_lengths: Mapping[str, int],
-        batch_size: int, decode_config: DecodeConfig, num_examples: int | None = None, seed: int = 0,
-        prefix_lm: bool = True,
+        self, model: Model, mixture_or_task_name: str, *, mesh: Mesh, rules, split: str,
+        task_feature_lengths: Mapping[str, int], batch_size: int, decode_config: DecodeConfig,
+        num_examples: int | None = None, seed: int = 0, prefix_lm: bool = True,
     ):
-        """prefix_lm: a decoder-only model scores targets with its prompt attended bidirectionally (as
+        """mesh, rules: where the params live and the logical axis rules; batches are decoded
+        data-parallel on the mesh by every process (see t5lite.inference). batch_size: global.
+        prefix_lm: a decoder-only model scores targets with its prompt attended bidirectionally (as
         trained with train.prefix_lm=True); False: causally, as a causal LM was trained."""
         pipeline.list_tasks_of(mixture_or_task_name)  # an unknown name fails here, with close matches
         provider = seqio.get_mixture_or_task(mixture_or_task_name)
         check_vocabulary(model, repr(provider.name), provider.output_features)
         tasks = seqio.get_subtasks(provider)
         self.tasks_without_metrics = sorted(t.name for t in tasks if not t.metric_objs)
-        self.model, self.batch_size = model, batch_size
         self.causal_scoring = not (prefix_lm or model.config.is_encoder_decoder)
         lengths = {k: v for k, v in task_feature_lengths.items() if k in provider.output_features}
         self.decode_config = dataclasses.replace(decode_config, max_decode_length=lengths["targets"])
@@ -119,9 +127,9 @@ class InferenceEvaluator:
             feature_converter=eval_feature_converter(model, "inputs" in provider.output_features),
             sequence_length=lengths, num_examples=num_examples, seed=seed, async_compute_metrics=False,
         )
-        self._predict = jax.jit(functools.partial(model.predict_batch, config=self.decode_config,
-                                                  bidirectional_prompt=not self.causal_scoring))
-        self._score = jax.jit(functools.partial(model.score_batch, bidirectional_prompt=not self.causal_scoring))
+        self._run = inference.BatchInference(model, mesh, rules, batch_size=batch_size,
+                                             decode_config=self.decode_config,
+                                             bidirectional_prompt=not self.causal_scoring)
 
     @property
     def task_names(self) -> list[str]:
@@ -137,17 +145,17 @@ class InferenceEvaluator:
 
         def predict_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, list[int]]]:
             if not decode_params:
-                decode_params.append(jax.jit(self.model.decode_params)(params))
+                decode_params.append(self._run.decode_params(params))
             out = []
-            for i, (indices, batch) in enumerate(padded_batches(dataset, self.batch_size)):
-                tokens, _ = self._predict(decode_params[0], batch, rng=jax.random.fold_in(rng, i))
-                out.extend((int(j), row.tolist()) for j, row in zip(indices, np.asarray(tokens), strict=False))
+            for i, (indices, batch) in enumerate(padded_batches(dataset, self._run.batch_size)):
+                tokens, _ = self._run.predict(decode_params[0], batch, jax.random.fold_in(rng, i))
+                out.extend((int(j), row.tolist()) for j, row in zip(indices, tokens, strict=False))
             return out
 
         def score_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, float]]:
             out = []
-            for indices, batch in padded_batches(dataset, self.batch_size):
-                scores = np.asarray(self._score(params, batch))
+            for indices, batch in padded_batches(dataset, self._run.batch_size):
+                scores = self._run.score(params, batch)
                 out.extend((int(j), float(s)) for j, s in zip(indices, scores, strict=False))
             return out
 
@@ -225,10 +233,12 @@ class TrainingMonitor:
     `infer_eval_every` steps (0: never) and early stopping; one call per step from the loop."""
 
     def __init__(
-        self, model: Model, eval_mixture_or_task_name: str, eval_tasks: Sequence[str], *, split: str,
-        task_feature_lengths: Mapping[str, int], batch_size: int, infer_eval_every: int, infer_eval_examples: int,
-        early_stopping: EarlyStopping | None, write_metrics, verbose: bool, prefix_lm: bool = True,
+        self, model: Model, eval_mixture_or_task_name: str, eval_tasks: Sequence[str], *, mesh: Mesh, rules,
+        split: str, task_feature_lengths: Mapping[str, int], batch_size: int, infer_eval_every: int,
+        infer_eval_examples: int, early_stopping: EarlyStopping | None, write_metrics, verbose: bool,
+        prefix_lm: bool = True,
     ):
+        """batch_size: the global batch of inference evaluation (every process decodes its share)."""
         self.infer_eval_every, self.early_stopping = infer_eval_every, early_stopping
         self.write_metrics, self.verbose = write_metrics, verbose
         if early_stopping is not None:
@@ -237,9 +247,9 @@ class TrainingMonitor:
         self.last_seconds = 0.0  # spent in the last after_step call
         if infer_eval_every > 0:
             self.inference = InferenceEvaluator(
-                model, eval_mixture_or_task_name, split=split, task_feature_lengths=task_feature_lengths,
-                batch_size=batch_size, decode_config=DecodeConfig(), num_examples=infer_eval_examples,
-                prefix_lm=prefix_lm)
+                model, eval_mixture_or_task_name, mesh=mesh, rules=rules, split=split,
+                task_feature_lengths=task_feature_lengths, batch_size=batch_size, decode_config=DecodeConfig(),
+                num_examples=infer_eval_examples, prefix_lm=prefix_lm)
             if verbose and self.inference.tasks_without_metrics:
                 print(f"  inference eval: no metric functions in {', '.join(self.inference.tasks_without_metrics)}"
                       " (only their teacher-forced loss is evaluated)", flush=True)

@@ -9,8 +9,10 @@ Input file: `.jsonl` (one JSON object per line: "inputs", and "targets" to score
 extension (one input text per line). Malformed lines are all reported, with line numbers, before
 any compute. Output: one JSON object per example, in input order: {"index", "inputs", "prediction",
 "score"} (predict) or {"index", "inputs", "targets", "score"} (score: log-likelihood of targets).
-Resumable: records already in output_path are kept and their examples skipped. With several
-processes each takes every process_count-th example and writes output_path-<index>-of-<count>.
+Resumable: records already in output_path are kept and their examples skipped. Batches are
+decoded data-parallel over the mesh's data axes; with several processes (--coordinator_address
+etc., or a TPU VM slice) every process reads all examples, decodes its share of each batch, and
+process 0 writes output_path.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ if __name__ == "__main__":
 
     sys.exit(_infer_module.main())
 
+import contextlib
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -38,7 +40,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5lite import evaluation, gin_cli, partitioning, trainer
+from t5lite import distributed, evaluation, gin_cli, inference, partitioning, trainer
 from t5lite.data import pipeline
 from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
@@ -98,10 +100,15 @@ def get_task(task_name: str) -> seqio.Task:
     return task
 
 
-def read_task(task: seqio.Task, split: str, lengths: Mapping[str, int]) -> tuple[list[Example], seqio.Vocabulary]:
-    """The (decoded) examples of a task's split, in order, and the task's vocabulary."""
+def read_task(
+    task: seqio.Task, split: str, lengths: Mapping[str, int], seed: int
+) -> tuple[list[Example], seqio.Vocabulary]:
+    """The (decoded) examples of a task's split, in order, and the task's vocabulary.
+
+    `seed` fixes the random preprocessing (e.g. span corruption's noise): without it every run,
+    and every process of one run, would read different examples."""
     vocabulary = task.output_features["targets"].vocabulary
-    dataset = task.get_dataset(sequence_length=dict(lengths), split=split, shuffle=False, num_epochs=1)
+    dataset = task.get_dataset(sequence_length=dict(lengths), split=split, shuffle=False, num_epochs=1, seed=seed)
     examples = [Example(inputs=vocabulary.decode(ex["inputs"].tolist()) if "inputs" in ex else "",
                         targets=vocabulary.decode(ex["targets"].tolist()))
                 for ex in dataset.as_numpy_iterator()]
@@ -172,10 +179,7 @@ def infer(
         raise UserError("Give exactly one of infer.input_file and infer.task_name.")
     checkpoints_dir, step = evaluation.resolve_checkpoint_path(checkpoint_path)
     if step is None:
-        steps = evaluation.checkpoint_steps(checkpoints_dir)
-        if not steps:
-            raise UserError(f"No checkpoint in {checkpoints_dir!r}.")
-        step = steps[-1]
+        step = distributed.agree(evaluation.latest_checkpoint_step(checkpoints_dir))
 
     model = Model(TransformerConfig())
     if input_file is not None:
@@ -184,43 +188,42 @@ def infer(
     else:
         task = get_task(task_name)
         lengths = {k: v for k, v in task_feature_lengths.items() if k in task.output_features}
-        examples, vocabulary = read_task(task, split, lengths)
+        examples, vocabulary = read_task(task, split, lengths, seed)
     evaluation.check_vocabulary(model, input_file or repr(task_name),
                                 {"targets": seqio.Feature(vocabulary)})
     examples = examples[:num_examples]
 
-    # Hosts take interleaved examples; indices stay those of the whole input.
-    process_index, process_count = jax.process_index(), jax.process_count()
-    indexed = list(enumerate(examples))[process_index::process_count]
-    if process_count > 1:
-        output_path = f"{output_path}-{process_index:05d}-of-{process_count:05d}"
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    done = completed_records(output_path)
-    todo = indexed[done:]
-    print(f"infer: {len(indexed)} examples, {done} already in {output_path}, {len(todo)} to {mode}", flush=True)
+    # Process 0 owns the output; every process decodes the same batches (its share of each).
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    done = distributed.agree(completed_records(output_path) if is_chief else 0)
+    todo = list(enumerate(examples))[done:]  # (index in the whole input, example)
+    if is_chief:
+        print(f"infer: {len(examples)} examples, {done} already in {output_path}, {len(todo)} to {mode}", flush=True)
     if not todo:
         return output_path
 
     mesh = partitioning.make_mesh()
-    init = trainer.make_sharded_init(model, make_optimizer().tx, model.input_shapes(batch_size, lengths), mesh,
-                                     partitioning.axis_rules(partitioning_preset))
+    rules = partitioning.axis_rules(partitioning_preset)
+    init = trainer.make_sharded_init(model, make_optimizer().tx, model.input_shapes(batch_size, lengths), mesh, rules)
     params = evaluation.restore_params(checkpoints_dir, step, init.abstract_state.params)
+    run = inference.BatchInference(
+        model, mesh, rules, batch_size=batch_size, bidirectional_prompt=prefix_lm,
+        decode_config=dataclasses.replace(DecodeConfig(), max_decode_length=lengths["targets"]))
     if mode == "predict":
-        config = dataclasses.replace(DecodeConfig(), max_decode_length=lengths["targets"])
-        run = jax.jit(functools.partial(model.predict_batch, config=config, bidirectional_prompt=prefix_lm))
-        params = jax.jit(model.decode_params)(params)
-    else:
-        run = jax.jit(functools.partial(model.score_batch, bidirectional_prompt=prefix_lm))
+        params = run.decode_params(params)
 
     features = _model_features([e for _, e in todo], vocabulary, model, lengths)
     rng = jax.random.PRNGKey(seed)
-    with open(output_path, "a", encoding="utf-8") as out:
-        for batch_number, (positions, batch) in enumerate(evaluation.padded_batches(features, batch_size)):
+    with open(output_path, "a", encoding="utf-8") if is_chief else contextlib.nullcontext() as out:
+        for batch_number, (positions, batch) in enumerate(evaluation.padded_batches(features, run.batch_size)):
             if mode == "predict":
-                tokens, scores = run(params, batch, rng=jax.random.fold_in(rng, done + batch_number))
-                tokens = np.asarray(tokens)
+                tokens, scores = run.predict(params, batch, jax.random.fold_in(rng, done + batch_number))
             else:
-                scores = run(params, batch)
+                scores = run.score(params, batch)
+            if not is_chief:
+                continue
             for row, position in enumerate(positions):  # row in the batch, position in `todo`
                 index, example = todo[int(position)]
                 record = {"index": index, "inputs": example.inputs}
@@ -228,7 +231,7 @@ def infer(
                     record["prediction"] = vocabulary.decode(tokens[row].tolist())
                 else:
                     record["targets"] = example.targets
-                record["score"] = float(np.asarray(scores)[row])
+                record["score"] = float(scores[row])
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()  # a killed run resumes after the last whole batch
     return output_path
@@ -238,8 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, bindings = gin_cli.parse_args(argv, description=__doc__)
+        distributed.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         gin_cli.parse_gin(args.gin_file, bindings, [p for p in args.gin_search_paths.split(",") if p])
-        print(f"wrote {infer()}", flush=True)
+        output_path = infer()
+        if jax.process_index() == 0:
+            print(f"wrote {output_path}", flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

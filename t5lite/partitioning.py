@@ -8,7 +8,7 @@ parameters over fsdp but stays replicated in activations, whose batch already to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -203,9 +203,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways a batch is split: the data x fsdp mesh axes."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     """The global batch must split evenly over the data-parallel axes (data x fsdp)."""
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = data_parallel_size(mesh)
     if batch_size % ways:
         raise UserError(f"batch_size={batch_size} is not divisible by the data-parallel mesh axes data x fsdp = "
                         f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {ways}. Change BATCH_SIZE or make_mesh.")
@@ -215,6 +220,22 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     """A host's slice of the global batch -> global jax Arrays sharded over the data axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """A batch that every process holds whole -> global Arrays split over the data axes.
+
+    For inference, where every host reads the same examples: each process places only the rows
+    of its own devices (no communication), unlike shard_batch, whose hosts each hold a slice.
+    """
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
+
+
+def replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A value that every process holds (e.g. a PRNG key) -> a global Array on every device of `mesh`."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()), lambda index: x[index])
 
 
 def sharding_table(boxed_params: Any, shardings: Any) -> list[dict[str, Any]]:

@@ -108,13 +108,15 @@ def load_eval_batches(task_names: Sequence[str], *, split: str, max_batches: int
     return out
 
 
-def evaluate(eval_step, params, eval_batches: Mapping[str, list], mesh) -> dict[str, dict[str, float]]:
-    """Teacher-forced loss / accuracy / perplexity per eval task."""
+def evaluate(eval_step, params, eval_batches: Mapping[str, list], mesh, *,
+             place_batch=partitioning.shard_batch) -> dict[str, dict[str, float]]:
+    """Teacher-forced loss / accuracy / perplexity per eval task. place_batch: shard_batch (each
+    host holds its slice of every batch) or partitioning.global_batch (every host holds them whole)."""
     results = {}
     for name, batches in eval_batches.items():
         sums = None
         for batch in batches:
-            s = eval_step(params, partitioning.shard_batch(batch, mesh))
+            s = eval_step(params, place_batch(batch, mesh))
             sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
         results[name] = {k: float(v) for k, v in normalize_metric_sums(sums).items()}
     return results
@@ -271,8 +273,8 @@ def train(
 
     writer = MetricsWriter(model_dir, enabled=is_chief)
     monitor = evaluation.TrainingMonitor(
-        model, eval_mixture_or_task_name or mixture_or_task_name, eval_tasks, split=eval_split,
-        task_feature_lengths=task_feature_lengths, batch_size=batch_size // jax.process_count(),
+        model, eval_mixture_or_task_name or mixture_or_task_name, eval_tasks, mesh=mesh, rules=rules,
+        split=eval_split, task_feature_lengths=task_feature_lengths, batch_size=batch_size,
         infer_eval_every=infer_eval_every, infer_eval_examples=infer_eval_examples, write_metrics=writer.write,
         early_stopping=evaluation.EarlyStopping(early_stopping_metric, early_stopping_patience, early_stopping_mode)
         if early_stopping_metric else None, verbose=is_chief, prefix_lm=prefix_lm)

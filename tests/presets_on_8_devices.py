@@ -6,11 +6,11 @@ tests/test_partitioning.py, which runs it in a subprocess: the device count is f
 ARGS are t5lite.train flags shared by every run. Prints one JSON line per preset:
 {"preset", "mesh", "trained_mesh" (model-info.txt's line), "losses" (per logged step), "param_specs"
 and "state_specs" (name -> mesh axes of the arrays the sharded init places, for a few parameters
-and their Adafactor statistics), "decode" (greedy decoding with those sharded params on the mesh
-against the same params on one device: tokens equal, largest score difference)}.
+and their Adafactor statistics), "inference" (greedy decoding and target scoring with those
+sharded params and the batch split over the mesh, against the same params on one device: tokens
+equal, largest score differences)}.
 """
 
-import functools
 import json
 import os
 import sys
@@ -19,7 +19,7 @@ import gin
 import jax
 import numpy as np
 
-from t5lite import partitioning, trainer
+from t5lite import inference, partitioning, trainer
 from t5lite import train as train_lib
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
@@ -38,17 +38,29 @@ def _specs(tree, names) -> dict[str, list]:
             for n in names if n in flat}
 
 
-def _sharded_against_one_device_decoding(model: Model, params, mesh) -> dict:
-    """Greedy decoding with `params` as sharded on `mesh` and with a one-device copy of them."""
-    batch = {"encoder_input_tokens": np.random.default_rng(0).integers(2, 100, (8, 64)).astype(np.int32)}
-    predict = jax.jit(functools.partial(model.predict_batch, config=DecodeConfig(max_decode_length=8, eos_id=-1)))
-    with jax.set_mesh(mesh):  # as t5lite.eval and train's inference evaluation run it
-        tokens, scores = predict(jax.jit(model.decode_params)(params), batch)
+def _sharded_against_one_device_inference(model: Model, params, mesh, rules) -> dict:
+    """Greedy decoding and scoring with `params` as sharded on `mesh`, the batch split over its data
+    axes (t5lite.inference, as eval, infer and training's inference evaluation run them), against
+    a one-device copy of the params."""
+    rng = np.random.default_rng(0)
+    batch = {"encoder_input_tokens": rng.integers(2, 100, (8, 64)).astype(np.int32),
+             "decoder_target_tokens": rng.integers(2, 100, (8, 16)).astype(np.int32)}
+    batch["decoder_input_tokens"] = np.pad(batch["decoder_target_tokens"][:, :-1], [(0, 0), (1, 0)])
+    config = DecodeConfig(max_decode_length=8, eos_id=-1)
+    sharded = inference.BatchInference(model, mesh, rules, batch_size=8, decode_config=config,
+                                       bidirectional_prompt=True)
+    key = jax.random.PRNGKey(0)
+    tokens, scores = sharded.predict(sharded.decode_params(params), batch, key)
+    target_scores = sharded.score(params, batch)
     one_device = jax.device_put(jax.device_get(params), jax.devices()[0])
-    ref_tokens, ref_scores = predict(jax.jit(model.decode_params)(one_device), batch)
+    ref_tokens, ref_scores = jax.jit(lambda p, b, r: model.predict_batch(p, b, config, r))(
+        jax.jit(model.decode_params)(one_device), batch, key)
+    ref_target_scores = jax.jit(model.score_batch)(one_device, batch)
     return {"tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
-            "score_diff": float(np.max(np.abs(np.asarray(scores) - np.asarray(ref_scores)))),
-            "score_scale": float(np.max(np.abs(ref_scores)))}
+            "score_diff": float(np.max(np.abs(scores - np.asarray(ref_scores)))),
+            "score_scale": float(np.max(np.abs(ref_scores))),
+            "target_score_diff": float(np.max(np.abs(target_scores - np.asarray(ref_target_scores)))),
+            "target_score_scale": float(np.max(np.abs(ref_target_scores)))}
 
 
 def main(out_dir: str, args: list[str]) -> None:
@@ -68,8 +80,9 @@ def main(out_dir: str, args: list[str]) -> None:
         # The arrays the sharded init places, under the same gin config the run used.
         model, optimizer = Model(TransformerConfig()), make_optimizer()
         mesh = partitioning.make_mesh()
+        rules = partitioning.axis_rules(preset)
         init = trainer.make_sharded_init(model, optimizer.tx, model.input_shapes(8, {"inputs": 64, "targets": 16}),
-                                         mesh, partitioning.axis_rules(preset))
+                                         mesh, rules)
         state = init.init_fn(jax.random.PRNGKey(0))
         factored = state.opt_state[0]  # optax.adafactor: FactoredState first
         print(json.dumps({
@@ -77,7 +90,7 @@ def main(out_dir: str, args: list[str]) -> None:
             "param_specs": _specs(state.params, CHECKED_PARAMS),
             "state_specs": {"v_row": _specs(factored.v_row, CHECKED_PARAMS),
                             "v_col": _specs(factored.v_col, CHECKED_PARAMS)},
-            "decode": _sharded_against_one_device_decoding(model, state.params, mesh),
+            "inference": _sharded_against_one_device_inference(model, state.params, mesh, rules),
         }), flush=True)
 
 

@@ -7,8 +7,12 @@ import sys
 import time
 
 import gin
+import numpy as np
 import pytest
+from test_eval import _save_random_checkpoint
 
+from t5lite import eval as eval_lib
+from t5lite import infer as infer_lib
 from t5lite import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +23,9 @@ TWO_HOST_RUN = [
     "--gin.train.log_every=2", "--gin.train.eval_every=1000", "--gin.train.eval_batches=1",
     "--gin.train.checkpoint_every=2", "--gin.train.write_host_records=True",
     "--gin.train.eval_mixture_or_task_name='tiny_shakespeare_span_corruption'",
+    "--gin.train.infer_eval_every=4", "--gin.train.infer_eval_examples=8",
 ]
+TINY = ["--gin_file=gin/models/t5_1_1_tiny.gin", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}"]
 
 
 def _launch(args, *, num_processes=2, devices_per_process=2, timeout=240) -> subprocess.CompletedProcess:
@@ -65,6 +71,9 @@ def test_two_processes_train_checkpoint_resume_and_read_disjoint_halves_of_each_
 
     assert "[0] t5lite: encoder_decoder" in first.stdout and "mesh {'data': 4, 'fsdp': 1" in first.stdout
     assert "[0] step 4/4" in first.stdout and "[0] step 6/6" in resumed.stdout
+    # Inference evaluation (at step 4) decodes each batch across both processes; process 0 reports.
+    assert "[0]   infer eval tiny_shakespeare_span_corruption: accuracy" in first.stdout
+    assert "[1]   infer eval" not in first.stdout
     assert "[1] step" not in first.stdout + resumed.stdout  # only process 0 reports progress
     assert f"Resumed from {model_dir}/checkpoints/4" in resumed.stdout
     assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == ["2", "4", "6"]
@@ -94,3 +103,61 @@ def test_distributed_flags_must_come_together(capsys):
     code = train_lib.main(["--gin_file=gin/base.gin", "--num_processes=2", "--process_id=0"])
     assert code == 2
     assert "--coordinator_address, --num_processes and --process_id go together" in capsys.readouterr().err
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_and_decode_like_one_process_and_resume_together(tmp_path, capsys):
+    """t5lite.eval and t5lite.infer on 2 processes x 2 devices split every batch over both hosts and
+    give one process's results; process 0 writes them. A torn infer output resumes on both."""
+    model_dir = str(tmp_path / "run")
+    _save_random_checkpoint(model_dir, 1, seed=0)
+    common = [f"--gin.MODEL_DIR='{model_dir}'", *TINY]
+    evaluate = ["--gin_file=gin/runs/eval.gin", *common, "--gin.evaluate.num_examples=12",
+                "--gin.evaluate.loss_batches=2"]  # 12 examples: the second batch of 8 is padded
+    infer = ["--gin_file=gin/runs/infer.gin", *common, "--gin.infer.task_name='tiny_shakespeare_span_corruption'",
+             "--gin.infer.num_examples=12"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+
+    gin.clear_config()
+    assert eval_lib.main([*evaluate, f"--gin.evaluate.output_dir='{one}'"]) == 0
+    gin.clear_config()
+    assert infer_lib.main([*infer, f"--gin.infer.output_path='{one}/out.jsonl'"]) == 0
+    gin.clear_config()
+    capsys.readouterr()
+
+    done = _launch([sys.executable, "-m", "t5lite.eval", *evaluate, f"--gin.evaluate.output_dir='{two}'"])
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "[0] step 1 tiny_shakespeare_span_corruption:" in done.stdout and "[1] step 1" not in done.stdout
+    results = [json.load(open(os.path.join(d, "step_1.json")))["tasks"] for d in (one, two)]
+    assert results[0].keys() == results[1].keys() == {"tiny_shakespeare_span_corruption", "wikitext2_span_corruption"}
+    for task, metrics in results[0].items():
+        assert metrics.keys() == results[1][task].keys()
+        for name, value in metrics.items():
+            assert results[1][task][name] == pytest.approx(value, rel=1e-5), (task, name)
+
+    expected = _jsonl(f"{one}/out.jsonl")
+    assert [r["index"] for r in expected] == list(range(12))
+    infer_two = [sys.executable, "-m", "t5lite.infer", *infer, f"--gin.infer.output_path='{two}/out.jsonl'"]
+    done = _launch(infer_two)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert not os.path.exists(f"{two}/out.jsonl-00001-of-00002")  # one output, written by process 0
+
+    def same_records(records):
+        assert [(r["index"], r["inputs"], r["prediction"]) for r in records] == \
+               [(r["index"], r["inputs"], r["prediction"]) for r in expected]
+        np.testing.assert_allclose([r["score"] for r in records], [r["score"] for r in expected], rtol=1e-5)
+
+    same_records(_jsonl(f"{two}/out.jsonl"))
+    # A killed run left 5 whole records and a torn one: process 1 must resume where process 0's file
+    # ends (with batches of 8, record 5 sits mid-batch), or the two would decode different batches.
+    with open(f"{two}/out.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in expected[:5]) + '{"index": 5, "inp')
+    done = _launch(infer_two)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "[0] infer: 12 examples, 5 already in" in done.stdout
+    same_records(_jsonl(f"{two}/out.jsonl"))

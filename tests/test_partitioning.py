@@ -79,13 +79,16 @@ def test_every_preset_on_8_devices_matches_one_device_and_shards_by_the_rules(tm
 
     print("\n1 device:", reference)
     for preset, run in runs.items():
-        print(f"{preset} {run['mesh']}:", run["losses"], "decode:", run["decode"])
+        print(f"{preset} {run['mesh']}:", run["losses"], "inference:", run["inference"])
         assert run["trained_mesh"] == f"mesh: {run['mesh']}"  # train() took the gin-bound mesh sizes
         assert len(run["losses"]) == len(reference) == 4
         np.testing.assert_allclose(run["losses"], reference, rtol=1e-4, err_msg=preset)
-        # Decoding (fused projections, caches) with the preset's sharded params equals one device's.
-        assert run["decode"]["tokens_equal"], preset
-        assert run["decode"]["score_diff"] <= 1e-5 * run["decode"]["score_scale"], (preset, run["decode"])
+        # Decoding (fused projections, caches) and scoring with the preset's sharded params and a
+        # batch split over the mesh equal one device's.
+        inferred = run["inference"]
+        assert inferred["tokens_equal"], preset
+        assert inferred["score_diff"] <= 1e-5 * inferred["score_scale"], (preset, inferred)
+        assert inferred["target_score_diff"] <= 1e-5 * inferred["target_score_scale"], (preset, inferred)
 
     params = {p: {n: _spec(s) for n, s in r["param_specs"].items()} for p, r in runs.items()}
     assert params["dp"] == dict.fromkeys(params["dp"], ())
