@@ -149,12 +149,11 @@ class LoraAdaptation:
         return tx
 
     def state_shardings(self, boxed_shapes: Params, state_params_shapes: Params, mesh: Mesh, rules) -> Params:
-        """Base kernels as the model's rules say (quantized codes and scales replicated: their blocks
-        cut across the logical axes); a [.., in axes, lora_rank], b [.., lora_rank, out axes]."""
+        """Base kernels as the model's rules say (quantized: see _quantized_sharding);
+        a [.., in axes, lora_rank], b [.., lora_rank, out axes]."""
         base_shardings = partitioning.logical_shardings(boxed_shapes, mesh, rules)
-        replicated = NamedSharding(mesh, PartitionSpec())
         base = jax.tree_util.tree_map(
-            lambda s, q: jax.tree_util.tree_map(lambda _: replicated, q) if isinstance(q, peft.QuantizedTensor) else s,
+            lambda s, q: _quantized_sharding(s, q) if isinstance(q, peft.QuantizedTensor) else s,
             base_shardings, state_params_shapes["base"], is_leaf=lambda x: isinstance(x, peft.QuantizedTensor))
         return {"base": base, "lora": partitioning.logical_shardings(
             self.lora_logical_shapes(boxed_shapes, state_params_shapes["lora"]), mesh, rules)}
@@ -188,6 +187,19 @@ def _flat_boxed(boxed: Params) -> dict[str, nn.LogicallyPartitioned]:
 
 
 Adaptation = FullAdaptation | LoraAdaptation
+
+
+def _quantized_sharding(kernel: NamedSharding, q: peft.QuantizedTensor) -> peft.QuantizedTensor:
+    """Codes [..., n_blocks, block] and scales [..., n_blocks, 1] sharded as their float kernel [..., last]:
+    every dimension but the last as it is, the last's mesh axes on n_blocks (replicated if they do not
+    divide it), the block unsplit. Each device dequantizes its own part of the kernel."""
+    spec = tuple(kernel.spec) + (None,) * (len(q.shape) - len(kernel.spec))
+    last = spec[-1]
+    axes = () if last is None else (last,) if isinstance(last, str) else tuple(last)
+    if q.codes.shape[-2] % int(np.prod([kernel.mesh.shape[a] for a in axes])):
+        last = None
+    sharding = NamedSharding(kernel.mesh, PartitionSpec(*spec[:-1], last, None))
+    return dataclasses.replace(q, codes=sharding, scale=sharding)
 
 
 @gin.configurable

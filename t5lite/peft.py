@@ -124,9 +124,15 @@ def merge_lora(params: Params, lora: dict[str, dict[str, jax.Array]], *, alpha: 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class QuantizedTensor:
-    """Symmetric blockwise integer weights: value ~= codes * scale, blocks along the last dim."""
+    """Symmetric blockwise integer weights: value ~= codes * scale.
 
-    codes: jax.Array  # int8 [..., n_blocks, block_size] (int4 values stored in int8)
+    A block is consecutive values of the last dimension (block_size of them, or the whole
+    dimension if it is shorter; a last block that does not fill up is zero-padded). The other
+    dimensions keep their layout, so the codes can be sharded like the float weights
+    (finetune.LoraAdaptation.state_shardings) and dequantizing needs no communication.
+    """
+
+    codes: jax.Array  # int8 [..., n_blocks, block] (int4 values stored in int8)
     scale: jax.Array  # float32 [..., n_blocks, 1]
     shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     bits: int = dataclasses.field(metadata={"static": True})
@@ -140,18 +146,19 @@ def quantize_tensor(x: jax.Array, *, bits: int, block_size: int) -> QuantizedTen
     if bits not in (4, 8):
         raise UserError(f"Weight quantization supports 4 or 8 bits, got {bits}.")
     q_max = 2 ** (bits - 1) - 1
-    flat = x.reshape(-1)
-    pad = (-flat.size) % block_size
-    blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
-    scale = jnp.max(jnp.abs(blocks), axis=1, keepdims=True) / q_max
+    shape, x = tuple(x.shape), jnp.atleast_1d(x)
+    block = min(block_size, x.shape[-1])
+    pad = (-x.shape[-1]) % block
+    blocks = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], -1, block)
+    scale = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / q_max
     scale = jnp.where(scale == 0, 1.0, scale)
     codes = jnp.clip(jnp.round(blocks / scale), -q_max, q_max).astype(jnp.int8)
-    return QuantizedTensor(codes, scale.astype(jnp.float32), tuple(x.shape), bits)
+    return QuantizedTensor(codes, scale.astype(jnp.float32), shape, bits)
 
 
 def dequantize_tensor(q: QuantizedTensor) -> jax.Array:
-    flat = (q.codes.astype(jnp.float32) * q.scale).reshape(-1)
-    return flat[: int(np.prod(q.shape))].reshape(q.shape)
+    values = (q.codes.astype(jnp.float32) * q.scale).reshape(*q.codes.shape[:-2], -1)
+    return values[..., : q.shape[-1] if q.shape else 1].reshape(q.shape)
 
 
 def quantize(params: Params, *, bits: int, block_size: int = 64, min_size: int = 4096) -> Params:

@@ -8,7 +8,8 @@ ARGS are t5lite.train flags shared by every run. Prints one JSON line per preset
 and "state_specs" (name -> mesh axes of the arrays the sharded init places, for a few parameters
 and their Adafactor statistics), "inference" (greedy decoding and target scoring with those
 sharded params and the batch split over the mesh, against the same params on one device: tokens
-equal, largest score differences)}.
+equal, largest score differences), "quantized_base" (fsdp+tp only: a LoRA state on an int8
+base, its codes sharded like their kernels)}.
 """
 
 import json
@@ -19,7 +20,7 @@ import gin
 import jax
 import numpy as np
 
-from t5lite import inference, partitioning, trainer
+from t5lite import finetune, inference, partitioning, peft, trainer
 from t5lite import train as train_lib
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
@@ -63,6 +64,30 @@ def _sharded_against_one_device_inference(model: Model, params, mesh, rules) -> 
             "target_score_scale": float(np.max(np.abs(ref_target_scores)))}
 
 
+def _quantized_base(model: Model, optimizer, mesh, rules) -> dict:
+    """A LoRA state on an int8 base initialised on `mesh`: where the codes of a few kernels live,
+    the fraction of each such kernel's codes one device holds, and whether the model params
+    (dequantized, adapters merged) on the mesh equal those computed on one device."""
+    adaptation = finetune.LoraAdaptation(patterns=(r"(query|wi_0)$",), rank=4, base_bits=8, block_size=16,
+                                         min_quantized_size=256)
+    init = trainer.make_sharded_init(model, optimizer.tx, model.input_shapes(8, {"inputs": 64, "targets": 16}),
+                                     mesh, rules, adaptation)
+    state = init.init_fn(jax.random.PRNGKey(0))
+    is_q = lambda x: isinstance(x, peft.QuantizedTensor)  # noqa: E731
+    flat = {partitioning._path_name(path): q for path, q in jax.tree_util.tree_flatten_with_path(
+        state.params["base"], is_leaf=is_q)[0] if is_q(q)}
+    merged = jax.jit(adaptation.model_params)(state.params)
+    one_device = jax.jit(adaptation.model_params)(jax.device_put(jax.device_get(state.params), jax.devices()[0]))
+    return {
+        "codes_specs": {n: [a if a is None or isinstance(a, str) else list(a) for a in flat[n].codes.sharding.spec]
+                        for n in CHECKED_PARAMS if n in flat},
+        "codes_fraction_per_device": {n: flat[n].codes.addressable_shards[0].data.size / flat[n].codes.size
+                                      for n in CHECKED_PARAMS if n in flat},
+        "merged_equal": all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+            lambda a, b: bool(np.array_equal(a, b)), merged, one_device))),
+    }
+
+
 def main(out_dir: str, args: list[str]) -> None:
     assert jax.device_count() == 8, jax.devices()
     for preset, (data, fsdp, tensor) in MESHES.items():
@@ -91,6 +116,7 @@ def main(out_dir: str, args: list[str]) -> None:
             "state_specs": {"v_row": _specs(factored.v_row, CHECKED_PARAMS),
                             "v_col": _specs(factored.v_col, CHECKED_PARAMS)},
             "inference": _sharded_against_one_device_inference(model, state.params, mesh, rules),
+            "quantized_base": _quantized_base(model, optimizer, mesh, rules) if preset == "fsdp+tp" else None,
         }), flush=True)
 
 

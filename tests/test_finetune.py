@@ -129,6 +129,18 @@ def test_lora_factors_take_their_kernels_logical_axes_and_a_replicated_rank():
     assert tuple(spec) == (None, "fsdp", None)  # embed over fsdp, like its kernel
 
 
+def test_quantized_codes_take_their_kernels_sharding_and_the_last_axes_on_the_blocks():
+    mesh = jax.sharding.AbstractMesh((1, 4, 2), ("data", "fsdp", "tensor"))  # shardings need no devices
+    kernel = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor"))
+    # [256, 96] in blocks of 16: 6 blocks per row, which tensor (2) divides.
+    q = jax.eval_shape(lambda: peft.quantize_tensor(jnp.zeros((256, 96)), bits=8, block_size=16))
+    sharded = finetune._quantized_sharding(kernel, q)
+    assert tuple(sharded.codes.spec) == tuple(sharded.scale.spec) == ("fsdp", "tensor", None)
+    # [256, 40]: blocks of 16, 16 and 8 (padded) -> 3 blocks, which tensor does not divide: replicated.
+    q = jax.eval_shape(lambda: peft.quantize_tensor(jnp.zeros((256, 40)), bits=8, block_size=16))
+    assert tuple(finetune._quantized_sharding(kernel, q).codes.spec) == ("fsdp", None, None)
+
+
 def test_lora_dropout_drops_adapter_input_rows_only_in_training():
     adaptation = finetune.LoraAdaptation(patterns=(r"attention/query$",), rank=4, alpha=4.0, dropout=0.5)
     params = {"attention": {"query": jnp.zeros((8, 2, 4))}}

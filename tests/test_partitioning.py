@@ -90,6 +90,17 @@ def test_every_preset_on_8_devices_matches_one_device_and_shards_by_the_rules(tm
         assert inferred["score_diff"] <= 1e-5 * inferred["score_scale"], (preset, inferred)
         assert inferred["target_score_diff"] <= 1e-5 * inferred["target_score_scale"], (preset, inferred)
 
+    # An int8 base (LoRA fine-tuning) is sharded like its float kernels: codes [..., blocks, 16] take
+    # the kernel's axes, the last dimension's on the blocks; a device holds 1/8 of wi_0's codes.
+    quantized = runs["fsdp+tp"]["quantized_base"]
+    print("quantized base on fsdp+tp:", quantized)
+    assert quantized["merged_equal"]
+    codes = quantized["codes_specs"]
+    assert codes["encoder/layers/mlp/wi_0"] == [None, "fsdp", "tensor", None]  # [layers, embed, mlp/16, 16]
+    assert codes["token_embedder/embedding"] == ["tensor", "fsdp", None]  # [vocab, embed/16, 16]
+    assert codes["encoder/layers/attention/query"] == [None, "fsdp", "tensor", None, None]  # [.., kv/16, 16]
+    assert quantized["codes_fraction_per_device"]["encoder/layers/mlp/wi_0"] == 1 / 8
+
     params = {p: {n: _spec(s) for n, s in r["param_specs"].items()} for p, r in runs.items()}
     assert params["dp"] == dict.fromkeys(params["dp"], ())
     assert params["fsdp"]["encoder/layers/mlp/wi_0"] == (None, "fsdp")

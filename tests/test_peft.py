@@ -104,25 +104,36 @@ def test_lora_pattern_errors_are_clear(model_params_batch):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_blockwise_quantization_round_trip_is_within_half_a_step(bits):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 96, 40)) * jnp.linspace(0.1, 3.0, 40)
-    q = peft.quantize_tensor(x, bits=bits, block_size=64)
-    err = jnp.abs(peft.dequantize_tensor(q) - x).reshape(-1)
-    blocks = jnp.pad(jnp.abs(x).reshape(-1), (0, (-x.size) % 64)).reshape(-1, 64)
-    half_step = (blocks.max(axis=1) / (2 ** (bits - 1) - 1) / 2).repeat(64)[: x.size]
-    assert bool(jnp.all(err <= half_step * (1 + 1e-5)))
+    # Blocks run along the last dimension: 40 = 16 + 16 + 8, the last block zero-padded.
+    q = peft.quantize_tensor(x, bits=bits, block_size=16)
+    assert q.codes.shape == (2, 96, 3, 16) and q.scale.shape == (2, 96, 3, 1)
+    deq = peft.dequantize_tensor(q)
+    assert deq.shape == x.shape
+    blocks = np.pad(np.abs(np.asarray(x)), [(0, 0), (0, 0), (0, 8)]).reshape(2, 96, 3, 16)
+    half_step = np.repeat(blocks.max(axis=-1) / (2 ** (bits - 1) - 1) / 2, 16, axis=-1)[..., :40]
+    assert np.all(np.abs(np.asarray(deq) - np.asarray(x)) <= half_step * (1 + 1e-5))
     assert q.codes.dtype == jnp.int8 and int(jnp.abs(q.codes).max()) == 2 ** (bits - 1) - 1
+    # A last dimension shorter than the block is one block, unpadded.
+    assert peft.quantize_tensor(x, bits=bits, block_size=64).codes.shape == (2, 96, 1, 40)
 
 
 def test_quantizing_the_model_saves_memory_and_keeps_its_outputs(model_params_batch):
     model, params, batch = model_params_batch
     base = np.asarray(model.logits(params, batch))
-    # Bounds from a measurement on this random model (int8: 2.8% max logit error, every argmax
-    # kept; int4: 38%, two thirds kept); trained weights quantize better. The per-element
-    # guarantee is the half-step test above.
-    for bits, max_ratio, max_rel_err, min_argmax_kept in ((8, 0.3, 0.05, 1.0), (4, 0.2, 0.6, 0.5)):
+    # Bounds from a measurement on this random model (int8: 2.1% max logit error, 23 of 24 argmaxes
+    # kept; int4: 29%, two thirds kept); trained weights quantize better. The per-element
+    # guarantee is the half-step test above. Its last dimensions (8, 32, 48) are shorter than a
+    # block of 64, so each carries its own scale: more bytes than a real model's (below).
+    for bits, max_ratio, max_rel_err, min_argmax_kept in ((8, 0.33, 0.05, 0.95), (4, 0.2, 0.6, 0.5)):
         q = peft.quantize(params, bits=bits, block_size=64, min_size=1024)
         assert peft.nbytes(q) < max_ratio * peft.nbytes(params)
         logits = np.asarray(model.logits(peft.dequantize(q), batch))
         assert np.abs(logits - base).max() / np.abs(base).max() < max_rel_err
         assert (logits.argmax(-1) == base.argmax(-1)).mean() >= min_argmax_kept
+    # A T5-small-sized kernel: codes at bits/8 bytes plus a float32 scale per 64 values.
+    kernel = jnp.ones((512, 1024))
+    for bits in (8, 4):
+        packed = peft.quantize_tensor(kernel, bits=bits, block_size=64).nbytes()
+        assert packed == 512 * 1024 * bits // 8 + 512 * 16 * 4  # int8: 26.6% of float32, int4: 14.1%
     with pytest.raises(UserError, match="4 or 8 bits"):
         peft.quantize_tensor(jnp.ones(8), bits=3, block_size=4)
