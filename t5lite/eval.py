@@ -178,9 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # --watch is the one flag besides gin's; it overrides evaluate.watch.
         overrides = {"watch": True} if "--watch" in argv else {}
-        args, bindings = gin_cli.parse_args([a for a in argv if a != "--watch"], description=__doc__)
-        distributed.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-        gin_cli.parse_gin(args.gin_file, bindings, [p for p in args.gin_search_paths.split(",") if p])
+        gin_cli.configure([a for a in argv if a != "--watch"], description=__doc__)
         evaluate(**overrides)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

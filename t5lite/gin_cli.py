@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import gin
 
+from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +50,20 @@ def parse_args(argv: Sequence[str], description: str) -> tuple[argparse.Namespac
     parser.add_argument("--process_id", type=int, default=None, help="this process, 0..num_processes-1")
     args = parser.parse_args(rest)
     return args, bindings
+
+
+def configure(argv: Sequence[str], description: str) -> argparse.Namespace:
+    """What train / eval / infer start with: the flags parsed, the multi-process run joined (before
+    any JAX computation), then the gin files and bindings applied. Returns the parsed flags."""
+    args, bindings = parse_args(argv, description)
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    parse_gin(args.gin_file, bindings, search_paths(args))
+    return args
+
+
+def search_paths(args: argparse.Namespace) -> list[str]:
+    """--gin_search_paths as a list."""
+    return [p for p in args.gin_search_paths.split(",") if p]
 
 
 def _resolve(path: str, search_paths: Sequence[str]) -> str:

@@ -240,9 +240,7 @@ def infer(
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, bindings = gin_cli.parse_args(argv, description=__doc__)
-        distributed.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-        gin_cli.parse_gin(args.gin_file, bindings, [p for p in args.gin_search_paths.split(",") if p])
+        gin_cli.configure(argv, description=__doc__)
         output_path = infer()
         if jax.process_index() == 0:
             print(f"wrote {output_path}", flush=True)

@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, bindings = gin_cli.parse_args(argv, description=__doc__)
         if not any(b.startswith("TOPOLOGY ") for b in bindings):
             raise UserError('Give the TPU slice to compile for, e.g. --gin.TOPOLOGY=\\"v5e:2x2\\".')
-        gin_cli.parse_gin(args.gin_file, bindings, [p for p in args.gin_search_paths.split(",") if p])
+        gin_cli.parse_gin(args.gin_file, bindings, gin_cli.search_paths(args))
         topology = parse_topology(gin.query_parameter("%TOPOLOGY"))
         devices = topology_devices(topology)
         config = tpu_model_config()

@@ -39,7 +39,6 @@ import seqio
 
 from t5lite import checkpoints, evaluation, fileio, finetune, gin_cli, observability, partitioning, preemption, trainer
 from t5lite.data import pipeline  # registers the tasks and their gin configurables before parsing
-from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model, normalize_metric_sums
@@ -411,10 +410,7 @@ def _profile_flag_as_binding(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, bindings = gin_cli.parse_args(_profile_flag_as_binding(argv), description=__doc__)
-        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-        search_paths = [p for p in args.gin_search_paths.split(",") if p]
-        gin_cli.parse_gin(args.gin_file, bindings, search_paths)
+        gin_cli.configure(_profile_flag_as_binding(argv), description=__doc__)
         result = train()
         if jax.process_index() == 0:
             write_operative_config(result.model_dir)  # complete now that train() has returned
