@@ -220,8 +220,9 @@ def make_adaptation(
     trainable / frozen: regexes over parameter names ("decoder/layers/mlp/wi_0", ...): train only
       the params matching `trainable` (None: all) and not matching `frozen`. E.g. trainable=
       [r"^decoder/"] (decoder only), [r"norm/scale$"] (norms only), frozen=[r"token_embedder"].
-    lora_patterns: regexes of the dense kernels that get LoRA factors of rank lora_rank, scaled by
-      lora_alpha / lora_rank, with lora_dropout (see LoraAdaptation); everything else is frozen.
+    lora_patterns: regexes of the dense kernels (or the token embedding) that get LoRA factors of
+      rank lora_rank, scaled by lora_alpha / lora_rank, with lora_dropout (see LoraAdaptation);
+      everything else is frozen.
     base_bits: 8 or 4 stores the frozen base quantized (blockwise scales over quantize_block_size
       values) for QLoRA-style training; needs lora_patterns. Params smaller than quantize_min_size
       (norm scales, position-bias tables) stay float32.

@@ -30,8 +30,10 @@ from t5lite.errors import UserError
 
 Params = Any
 
-# How many leading (non-"layers") dims of each kernel are contracted with the activation.
-KERNEL_INPUT_DIMS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi_0": 1, "wi_1": 1, "wo": 1, "logits_dense": 1}
+# How many leading (non-"layers") dims of each kernel are contracted with the activation (the
+# token embedding [vocab, embed]: its row index, the token id).
+KERNEL_INPUT_DIMS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi_0": 1, "wi_1": 1, "wo": 1, "logits_dense": 1,
+                     "embedding": 1}
 
 
 def param_names(params: Params) -> Params:
@@ -82,7 +84,12 @@ def _split_kernel_shape(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, .
 
 def init_lora(rng: jax.Array, params: Params, *, patterns: Sequence[str], rank: int) -> dict[str, dict[str, jax.Array]]:
     """{kernel name: {"a": [layers.., in.., rank], "b": [layers.., rank, out..]}}; b = 0, so the
-    adapted model starts equal to the base (LoRA, Hu et al. 2021)."""
+    adapted model starts equal to the base (LoRA, Hu et al. 2021).
+
+    The token embedding is the other way round, as in Hugging Face PEFT: a [vocab, rank] = 0 and
+    b [rank, embed] ~ N(0, 1). Its "input" is a one-hot token, so a scaled by 1/sqrt(vocab)
+    would make the updates of b vanishingly small; a zero a gets a gradient from b at once.
+    """
     if rank < 1:
         raise UserError(f"LoRA rank must be >= 1, got {rank}.")
     names = dict(zip(jax.tree_util.tree_leaves(param_names(params)), jax.tree_util.tree_leaves(params), strict=True))
@@ -93,8 +100,12 @@ def init_lora(rng: jax.Array, params: Params, *, patterns: Sequence[str], rank: 
     lora = {}
     for i, (name, kernel) in enumerate(sorted(chosen.items())):
         layers, ins, outs = _split_kernel_shape(name, tuple(kernel.shape))
-        fan_in = int(np.prod(ins))
-        a = jax.random.normal(jax.random.fold_in(rng, i), (*layers, *ins, rank), jnp.float32) / np.sqrt(fan_in)
+        key = jax.random.fold_in(rng, i)
+        if name.rsplit("/", 1)[-1] == "embedding":
+            lora[name] = {"a": jnp.zeros((*layers, *ins, rank), jnp.float32),
+                          "b": jax.random.normal(key, (*layers, rank, *outs), jnp.float32)}
+            continue
+        a = jax.random.normal(key, (*layers, *ins, rank), jnp.float32) / np.sqrt(int(np.prod(ins)))
         lora[name] = {"a": a, "b": jnp.zeros((*layers, rank, *outs), jnp.float32)}
     return lora
 

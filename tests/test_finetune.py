@@ -98,6 +98,24 @@ def test_lora_starts_equal_to_the_base_model_and_trains_only_its_factors(model_a
     np.testing.assert_allclose(model.logits(merged, batch), model.logits(by_hand, batch), rtol=1e-4, atol=1e-5)
 
 
+def test_lora_on_the_token_embedding_starts_at_the_base_and_adapts_the_rows_of_the_tokens_read(model_and_batch):
+    model, batch = model_and_batch
+    adaptation = finetune.LoraAdaptation(patterns=(r"token_embedder/embedding$",), rank=4, alpha=8.0)
+    first, state, losses = _train(model, batch, adaptation, optax.adam(3e-2), steps=10)
+    factors = first.params["lora"]["token_embedder/embedding"]
+    assert factors["a"].shape == (64, 4) and factors["b"].shape == (4, 32)
+    assert not factors["a"].any() and factors["b"].any()  # a = 0: the base model at step 0
+    assert losses[-1] < losses[0] - 0.5, losses
+    # The logits are a separate kernel (untied), so only the rows of tokens the model read train.
+    a = np.asarray(state.params["lora"]["token_embedder/embedding"]["a"])
+    read = np.unique(np.concatenate([batch["encoder_input_tokens"].ravel(), batch["decoder_input_tokens"].ravel()]))
+    np.testing.assert_array_equal(np.flatnonzero(np.abs(a).max(axis=1) > 0), read)
+    merged = adaptation.model_params(state.params)["token_embedder"]["embedding"]
+    np.testing.assert_allclose(merged, first.params["base"]["token_embedder"]["embedding"]
+                               + 2.0 * a @ np.asarray(state.params["lora"]["token_embedder/embedding"]["b"]),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_quantized_base_lora_trains_and_its_base_stays_quantized(model_and_batch):
     model, batch = model_and_batch
     qlora = finetune.LoraAdaptation(patterns=(r"(query|value|wi_0)$",), rank=4, alpha=8.0, base_bits=4,
@@ -127,6 +145,12 @@ def test_lora_factors_take_their_kernels_logical_axes_and_a_replicated_rank():
     assert boxed["decoder/layers/mlp/wi_0"]["b"].names == ("layers", "lora_rank", "mlp")
     spec = init.state_shardings.params["lora"]["encoder/layers/attention/query"]["a"].spec
     assert tuple(spec) == (None, "fsdp", None)  # embed over fsdp, like its kernel
+    embedding = finetune.LoraAdaptation(patterns=(r"token_embedder/embedding$",))
+    init = trainer.make_sharded_init(model, optax.adam(1e-3), model.input_shapes(4, LENGTHS), mesh,
+                                     partitioning.axis_rules("fsdp"), embedding)
+    boxed = embedding.lora_logical_shapes(init.boxed_params_shapes, init.abstract_state.params["lora"])
+    assert boxed["token_embedder/embedding"]["a"].names == ("vocab", "lora_rank")
+    assert boxed["token_embedder/embedding"]["b"].names == ("lora_rank", "embed")
 
 
 def test_quantized_codes_take_their_kernels_sharding_and_the_last_axes_on_the_blocks():
