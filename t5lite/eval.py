@@ -71,8 +71,7 @@ class CheckpointEvaluator:
                   "loss is reported. Add metric_fns to the Task for decoded or scored metrics.", flush=True)
         # Tasks with inputs get prefix-LM features on a decoder-only model; a causal LM reads them causally.
         has_inputs = "inputs" in seqio.get_mixture_or_task(mixture_or_task_name).output_features
-        # Every host reads the same whole batches (see t5lite.inference), so the figures do not
-        # depend on the number of hosts.
+        # Every host reads the same whole batches (see train.evaluate).
         self.loss_batches = load_eval_batches(
             self.tasks, split=eval_split, max_batches=loss_batches, seed=seed,
             task_feature_lengths=dict(task_feature_lengths),
@@ -99,8 +98,7 @@ class CheckpointEvaluator:
         params = evaluation.restore_params(checkpoints_dir, step, self.abstract_params)
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh):  # as train.py does (`with mesh:` no longer sets it in jax 0.10)
-            loss = teacher_forced_evaluate(self.eval_step, params, self.loss_batches, self.mesh,
-                                           place_batch=partitioning.global_batch)
+            loss = teacher_forced_evaluate(self.eval_step, params, self.loss_batches, self.mesh)
         results = evaluation.merge_results(loss, self.inference.evaluate(params, step))
         if not self.is_chief:
             return results

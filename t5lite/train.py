@@ -107,15 +107,17 @@ def load_eval_batches(task_names: Sequence[str], *, split: str, max_batches: int
     return out
 
 
-def evaluate(eval_step, params, eval_batches: Mapping[str, list], mesh, *,
-             place_batch=partitioning.shard_batch) -> dict[str, dict[str, float]]:
-    """Teacher-forced loss / accuracy / perplexity per eval task. place_batch: shard_batch (each
-    host holds its slice of every batch) or partitioning.global_batch (every host holds them whole)."""
+def evaluate(eval_step, params, eval_batches: Mapping[str, list], mesh) -> dict[str, dict[str, float]]:
+    """Teacher-forced loss / accuracy / perplexity per eval task.
+
+    Every host holds the same whole batches (load_eval_batches without a ShardInfo), split over the
+    mesh's data axes here: the figures do not depend on the number of hosts, and every host runs
+    the same number of steps (per-host shards of a small split could differ by a batch: a hang)."""
     results = {}
     for name, batches in eval_batches.items():
         sums = None
         for batch in batches:
-            s = eval_step(params, place_batch(batch, mesh))
+            s = eval_step(params, partitioning.global_batch(batch, mesh))
             sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
         results[name] = {k: float(v) for k, v in normalize_metric_sums(sums).items()}
     return results
@@ -217,9 +219,11 @@ def train(
     )
 
     # Reading the eval batches up front also checks, before any compute, that the names exist,
-    # the feature lengths suit the objective and the splits are not empty.
+    # the feature lengths suit the objective and the splits are not empty. Every host reads them
+    # whole (see evaluate).
     eval_data = load_eval_batches(eval_tasks, split=eval_split, max_batches=eval_batches, seed=seed,
-                                  **batch_kwargs)
+                                  task_feature_lengths=dict(task_feature_lengths), model_type=model_type,
+                                  batch_size=batch_size)
 
     # --- Model and optimizer ------------------------------------------------------------------------
     model = Model(config)

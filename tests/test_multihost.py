@@ -78,6 +78,21 @@ def test_two_processes_train_checkpoint_resume_and_read_disjoint_halves_of_each_
     assert f"Resumed from {model_dir}/checkpoints/4" in resumed.stdout
     assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == ["2", "4", "6"]
 
+    # The final teacher-forced eval reads whole batches on every host: one process evaluating the
+    # checkpoint gets the same figures.
+    with open(os.path.join(model_dir, "eval_results.json")) as f:
+        two_hosts = json.load(f)["tasks"]["tiny_shakespeare_span_corruption"]
+    gin.clear_config()
+    assert eval_lib.main(["--gin_file=gin/runs/eval.gin", *TINY, f"--gin.MODEL_DIR='{model_dir}'",
+                          "--gin.MIXTURE_OR_TASK_NAME='tiny_shakespeare_span_corruption'",
+                          "--gin.evaluate.loss_batches=1", "--gin.evaluate.num_examples=8",
+                          f"--gin.evaluate.output_dir='{tmp_path / 'eval'}'"]) == 0
+    gin.clear_config()
+    with open(tmp_path / "eval" / "step_6.json") as f:
+        one_host = json.load(f)["tasks"]["tiny_shakespeare_span_corruption"]
+    for name in ("cross_entropy", "perplexity", "num_tokens"):
+        assert one_host[name] == pytest.approx(two_hosts[name], rel=1e-5), name
+
     hosts = [_host_records(model_dir, p) for p in (0, 1)]
     assert [r["step"] for r in hosts[0]] == [r["step"] for r in hosts[1]] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in hosts[0]] == [r["loss"] for r in hosts[1]]  # one SPMD program
