@@ -225,8 +225,9 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """A batch that every process holds whole -> global Arrays split over the data axes.
 
-    For inference, where every host reads the same examples: each process places only the rows
-    of its own devices (no communication), unlike shard_batch, whose hosts each hold a slice.
+    For evaluation and inference, where every host reads the same examples: each process places
+    only the rows of its own devices (no communication), unlike shard_batch, whose hosts each hold
+    a slice (training).
     """
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
