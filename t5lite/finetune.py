@@ -195,8 +195,7 @@ def _quantized_sharding(kernel: NamedSharding, q: peft.QuantizedTensor) -> peft.
     divide it), the block unsplit. Each device dequantizes its own part of the kernel."""
     spec = tuple(kernel.spec) + (None,) * (len(q.shape) - len(kernel.spec))
     last = spec[-1]
-    axes = () if last is None else (last,) if isinstance(last, str) else tuple(last)
-    if q.codes.shape[-2] % int(np.prod([kernel.mesh.shape[a] for a in axes])):
+    if q.codes.shape[-2] % partitioning.mesh_axes_size(kernel.mesh, last):
         last = None
     sharding = NamedSharding(kernel.mesh, PartitionSpec(*spec[:-1], last, None))
     return dataclasses.replace(q, codes=sharding, scale=sharding)

@@ -118,11 +118,20 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
     return shardings
 
 
+def spec_axes(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+    """One PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of axis names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def mesh_axes_size(mesh: Mesh, entry: str | Sequence[str] | None) -> int:
+    """How many devices one PartitionSpec entry splits a dimension over."""
+    return int(np.prod([mesh.shape[a] for a in spec_axes(entry)]))
+
+
 def _check_divisible(name: str, shape: tuple[int, ...], sharding: NamedSharding) -> None:
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-    for dim, (size, axes) in enumerate(zip(shape, spec, strict=True)):
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        ways = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+    for dim, (size, entry) in enumerate(zip(shape, spec, strict=True)):
+        axes, ways = spec_axes(entry), mesh_axes_size(sharding.mesh, entry)
         if size % ways:
             raise UserError(
                 f"Parameter {name} {shape}: dimension {dim} (size {size}) is not divisible by mesh axes "
