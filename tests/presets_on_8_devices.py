@@ -79,8 +79,7 @@ def _quantized_base(model: Model, optimizer, mesh, rules) -> dict:
     merged = jax.jit(adaptation.model_params)(state.params)
     one_device = jax.jit(adaptation.model_params)(jax.device_put(jax.device_get(state.params), jax.devices()[0]))
     return {
-        "codes_specs": {n: [a if a is None or isinstance(a, str) else list(a) for a in flat[n].codes.sharding.spec]
-                        for n in CHECKED_PARAMS if n in flat},
+        "codes_specs": _specs({n: q.codes for n, q in flat.items()}, CHECKED_PARAMS),
         "codes_fraction_per_device": {n: flat[n].codes.addressable_shards[0].data.size / flat[n].codes.size
                                       for n in CHECKED_PARAMS if n in flat},
         "merged_equal": all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(

@@ -53,9 +53,13 @@ def _launch(args, *, num_processes=2, devices_per_process=2, timeout=240) -> sub
     raise AssertionError("unreachable")
 
 
-def _host_records(model_dir, process):
-    with open(os.path.join(model_dir, f"host-{process}.jsonl")) as f:
+def _jsonl(path):
+    with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def _host_records(model_dir, process):
+    return _jsonl(os.path.join(model_dir, f"host-{process}.jsonl"))
 
 
 @pytest.mark.slow
@@ -118,11 +122,6 @@ def test_distributed_flags_must_come_together(capsys):
     code = train_lib.main(["--gin_file=gin/base.gin", "--num_processes=2", "--process_id=0"])
     assert code == 2
     assert "--coordinator_address, --num_processes and --process_id go together" in capsys.readouterr().err
-
-
-def _jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.slow
