@@ -9,6 +9,15 @@ greedy generate with min_new_tokens=64). Both count batch * 64 new tokens over t
 (encoder included) and never stop early at EOS. Compare the ratio, not absolute numbers.
 t5lite runs in its own process with the glibc malloc settings of t5lite's entry points
 (t5lite/host_memory.py); the peer with this process's environment.
+
+It also prints what this machine allows, measured in t5lite's process right after its timing:
+the encoder's FLOPs (and the cross-attention keys/values) at the float32 matmul peak, plus each
+decoding step's bytes (decoder weights but the cross-attention key/value kernels, output weights,
+cross-attention cache, the self-attention cache written so far) at the read bandwidth of a plain
+jitted sum over 512 MB, and again at the bandwidth XLA:CPU's own matrix-vector products reach when
+they stream weights from memory (16 different [8, 512] x [512, 2048] products, 64 MB). Each is a
+lower bound on the call time (the second, for XLA:CPU's kernels); its tokens/s over the peer's is
+the best ratio the machine (or those kernels) allow with float32 weights.
 """
 
 from __future__ import annotations
@@ -22,12 +31,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.train_throughput import T5_1_1_SMALL, run_measured, run_peer  # noqa: E402
-from t5lite import host_memory  # noqa: E402
+from t5lite import host_memory, observability  # noqa: E402
+from t5lite.model import flops  # noqa: E402
 from t5lite.model.decoding import DecodeConfig  # noqa: E402
 from t5lite.model.models import Model  # noqa: E402
 
@@ -54,7 +65,54 @@ def t5lite_decode_throughput(batch: int, inputs: int, new_tokens: int, repeats: 
         times.append(time.perf_counter() - t)
     call_s = float(np.median(times[1:]))
     return {"impl": "t5lite", "jax": jax.__version__, "batch": batch, "inputs": inputs, "new_tokens": new_tokens,
-            "compile_s": compile_s, "median_call_s": call_s, "decode_tokens_per_s": batch * new_tokens / call_s}
+            "compile_s": compile_s, "median_call_s": call_s, "decode_tokens_per_s": batch * new_tokens / call_s,
+            **machine_limits(config, params, batch, inputs, new_tokens)}
+
+
+def _best_seconds(fn, *args, repeats: int = 10) -> float:
+    compiled = jax.jit(fn).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a jitted float32 sum over 512 MB (far more than the last-level cache)."""
+    data = jnp.asarray(np.random.default_rng(0).standard_normal(128 * 2**20, dtype=np.float32))
+    return data.nbytes / _best_seconds(jnp.sum, data)
+
+
+def matvec_bandwidth(layers: int = 16, rows: int = 8, k: int = 512, n: int = 2048) -> float:
+    """Weight bytes/s of XLA:CPU's [rows, k] x [k, n] products over `layers` different weights (read
+    from memory, as a decoding step reads its layers)."""
+    rng = np.random.default_rng(0)
+    weights = [jnp.asarray(rng.standard_normal((k, n), dtype=np.float32)) for _ in range(layers)]
+    x = jnp.asarray(rng.standard_normal((rows, k), dtype=np.float32))
+    return sum(w.nbytes for w in weights) / _best_seconds(lambda x, *ws: jnp.stack([(x @ w).sum() for w in ws]),
+                                                         x, *weights)
+
+
+def machine_limits(config, decode_params, batch: int, inputs: int, new_tokens: int) -> dict:
+    """Lower bounds on the call time from this machine's measured peak FLOP/s and bandwidths."""
+    parts = flops.forward_flops(config, batch, inputs, 0)  # decoder length 0: the encoder side only
+    prefill_flops = parts.encoder + parts.cross_attention  # encoder + cross-attention keys/values
+    # Every decoder weight but the cross-attention key/value kernels (used once, by the prefill).
+    weights = [w for path, w in jax.tree_util.tree_flatten_with_path(decode_params["decoder"])[0]
+               if not ("encoder_decoder_attention" in jax.tree_util.keystr(path)
+                       and jax.tree_util.keystr(path).endswith(("['key']", "['value']")))]
+    cache_row = config.num_decoder_layers * 2 * batch * config.num_heads * config.head_dim * 4  # k and v, float32
+    mean_self_cache = cache_row * (new_tokens + 1) / 2
+    step_bytes = sum(w.nbytes for w in weights) + cache_row * inputs + mean_self_cache
+    peak, read_bw, matvec_bw = observability.measured_cpu_peak(), read_bandwidth(), matvec_bandwidth()
+    bound = {name: prefill_flops / peak + new_tokens * step_bytes / bw
+             for name, bw in (("read", read_bw), ("matvec", matvec_bw))}
+    return {"prefill_gflop": prefill_flops / 1e9, "step_mb": step_bytes / 1e6, "matmul_peak_gflops": peak / 1e9,
+            "read_gb_s": read_bw / 1e9, "matvec_gb_s": matvec_bw / 1e9,
+            "bound_call_s_read": bound["read"], "bound_call_s_matvec": bound["matvec"]}
 
 
 def peer_decode_throughput(peer_python: str, batch: int, inputs: int, new_tokens: int) -> dict:
@@ -92,6 +150,22 @@ def main() -> None:
         print(f"ratio t5lite / peer: {rows[0]['decode_tokens_per_s'] / rows[1]['decode_tokens_per_s']:.2f}x  "
               f"(CPU: {os.cpu_count()} cores, batch {args.batch}, {args.inputs} inputs, {args.new_tokens} new "
               "tokens, float32, greedy)")
+    print_limits(rows)
+
+
+def print_limits(rows: list[dict]) -> None:
+    """The machine's lower bounds on t5lite's call time, and the peer ratios they would give."""
+    r = rows[0]
+    print(f"\nthis machine: float32 matmul {r['matmul_peak_gflops']:.0f} GFLOP/s; reads {r['read_gb_s']:.1f} GB/s "
+          f"(jitted sum), {r['matvec_gb_s']:.1f} GB/s (XLA:CPU matrix-vector products)")
+    print(f"per call: {r['prefill_gflop']:.0f} GFLOP of encoder + cross-attention keys/values, then "
+          f"{r['new_tokens']} steps of {r['step_mb']:.0f} MB")
+    tokens = r["batch"] * r["new_tokens"]
+    for name, what in (("read", "the jitted sum's bandwidth"), ("matvec", "the matrix-vector bandwidth")):
+        bound = r[f"bound_call_s_{name}"]
+        vs_peer = f", {tokens / bound / rows[1]['decode_tokens_per_s']:.2f}x the peer" if len(rows) == 2 else ""
+        print(f"  at the matmul peak and {what}: >= {bound:.3f} s per call = {tokens / bound:.0f} tok/s{vs_peer}"
+              f"; t5lite takes {r['median_call_s']:.3f} s ({bound / r['median_call_s']:.0%} of that bound)")
 
 
 if __name__ == "__main__":
