@@ -47,6 +47,19 @@ class BatchInference:
         """`params` as predict decodes with them (split per layer once, not at every call)."""
         return self._decode_params(params)
 
+    def compile_from_shapes(self, abstract_params, feature_shapes: Mapping[str, tuple[int, ...]]):
+        """(decode_params, predict) compiled from shapes alone (ShapeDtypeStructs carrying shardings),
+        e.g. for TPU devices on a machine without them (t5lite.precompile)."""
+        to_decode_layout = self._decode_params.lower(abstract_params).compile()
+        layout = jax.eval_shape(self._decode_params, abstract_params)
+        abstract_decode_params = jax.tree_util.tree_map(
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            layout, to_decode_layout.output_shardings)
+        rows = partitioning.batch_sharding(self.mesh)
+        batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=rows) for k, shape in feature_shapes.items()}
+        rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=NamedSharding(self.mesh, PartitionSpec()))
+        return to_decode_layout, self._predict.lower(abstract_decode_params, batch, rng).compile()
+
     def predict(self, decode_params, batch: Mapping[str, np.ndarray], rng: jax.Array) -> tuple[np.ndarray, np.ndarray]:
         """-> (tokens [batch, max_decode_length], scores [batch]) for a whole batch of batch_size rows."""
         tokens, scores = self._predict(decode_params, partitioning.global_batch(batch, self.mesh),

@@ -11,6 +11,11 @@ chip: memory (arguments, temporaries, outputs; total vs the chip's HBM), the com
 HBM bytes next to the analytic model FLOPs, a roofline step time from them (compute- or HBM-bound;
 communication not included), and the MFU that implies against the chip's peak: an optimistic
 estimate to measure a real run against (the compile-only cost model may undercount bytes too).
+
+`--decode` compiles what t5lite.eval / t5lite.infer decode with instead (same model, preset and
+mesh; batch BATCH_SIZE, inputs and TASK_FEATURE_LENGTHS["targets"] new tokens, DecodeConfig's
+method): per chip, the parameters, their copy split per layer (scanned models; t5lite.eval keeps
+both while it also scores), the caches and other temporaries, and whether it all fits.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5lite import gin_cli, partitioning, trainer
+from t5lite import gin_cli, inference, partitioning, trainer
 from t5lite.data import pipeline
 from t5lite.errors import UserError
 from t5lite.model import flops
 from t5lite.model.config import TransformerConfig
+from t5lite.model.decoding import DecodeConfig
 from t5lite.model.models import Model
 from t5lite.observability import PEAK_BF16_FLOPS
 from t5lite.optim import make_optimizer
@@ -131,6 +137,59 @@ def compile_train_step(devices: Sequence[jax.Device], config: TransformerConfig)
     return step.lower(init.abstract_state, batch, rng).compile()
 
 
+def compile_decode(devices: Sequence[jax.Device], config: TransformerConfig) -> tuple[jax.stages.Compiled, ...]:
+    """(split per layer, predict) as t5lite.eval / infer run them on these devices, compiled from shapes."""
+    settings = train_settings()
+    model = Model(config)
+    lengths, batch_size = dict(settings["task_feature_lengths"]), settings["batch_size"]
+    mesh = partitioning.make_mesh(devices=devices)
+    rules = partitioning.axis_rules(settings["partitioning_preset"])
+    partitioning.check_batch_size(batch_size, mesh)
+    init = trainer.make_sharded_init(model, make_optimizer().tx, model.input_shapes(batch_size, lengths), mesh, rules)
+    run = inference.BatchInference(
+        model, mesh, rules, batch_size=batch_size, bidirectional_prompt=settings["prefix_lm"],
+        decode_config=dataclasses.replace(DecodeConfig(), max_decode_length=lengths["targets"]))
+    shapes = pipeline.batch_feature_shapes(lengths, model_type=data_model_type(config, settings["prefix_lm"]),
+                                           batch_size=run.batch_size)
+    return run.compile_from_shapes(init.abstract_state.params, shapes)
+
+
+def decode_report(to_decode_layout: jax.stages.Compiled, predict: jax.stages.Compiled, topology: Topology,
+                  config: TransformerConfig) -> dict[str, float]:
+    """Per-chip memory of decoding: parameters, their per-layer copy, predict's temporaries."""
+    split = to_decode_layout.memory_analysis()
+    memory = predict.memory_analysis()
+    report = {
+        "param_bytes": split.argument_size_in_bytes,
+        # Unscanned params are already per layer: decode_params returns them as they are.
+        "split_bytes": split.output_size_in_bytes if config.scan_layers else 0,
+        "batch_bytes": memory.argument_size_in_bytes - split.output_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "code_bytes": memory.generated_code_size_in_bytes,
+        "hbm_bytes": TPU_CHIPS[topology.generation].hbm_bytes,
+    }
+    report["total_bytes"] = sum(report[k] for k in ("param_bytes", "split_bytes", "batch_bytes", "temp_bytes",
+                                                    "output_bytes", "code_bytes"))
+    return report
+
+
+def format_decode_report(report: dict[str, float], topology: Topology) -> str:
+    settings, decode = train_settings(), DecodeConfig()
+    gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    fits = "fits" if report["total_bytes"] <= report["hbm_bytes"] else "DOES NOT FIT"
+    beams = f" x {decode.num_beams} beams" if decode.method == "beam" else ""
+    return "\n".join([
+        f"topology {topology.name}: {topology.chips} chips, {gib(report['hbm_bytes'])} HBM per chip",
+        f"decoding (t5lite.eval / infer): batch {settings['batch_size']}{beams}, {decode.method}, "
+        f"{dict(settings['task_feature_lengths'])['targets']} new tokens",
+        f"memory per chip: parameters {gib(report['param_bytes'])}, split per layer {gib(report['split_bytes'])}, "
+        f"caches and temporaries {gib(report['temp_bytes'])}, batch and outputs "
+        f"{gib(report['batch_bytes'] + report['output_bytes'])}, code {gib(report['code_bytes'])}",
+        f"total {gib(report['total_bytes'])} of {gib(report['hbm_bytes'])}: {fits}",
+    ])
+
+
 def model_flops_per_chip(config: TransformerConfig, topology: Topology) -> float:
     """Analytic model FLOPs of the gin-configured train step (no rematerialisation) per chip."""
     settings = train_settings()
@@ -196,6 +255,8 @@ def format_report(report: dict[str, float], topology: Topology) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    decode = "--decode" in argv
+    argv = [a for a in argv if a != "--decode"]
     # Compiling needs no TPU: do not wait for the lock of a process (any jax with libtpu) holding one.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
@@ -207,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices = topology_devices(topology)
         config = tpu_model_config()
         try:
+            if decode:
+                report = decode_report(*compile_decode(devices, config), topology, config)
+                print(format_decode_report(report, topology), flush=True)
+                return 0 if report["total_bytes"] <= report["hbm_bytes"] else 1
             compiled = compile_train_step(devices, config)
             unrolled = (compile_train_step(devices, dataclasses.replace(config, scan_layers=False))
                         if config.scan_layers else compiled)

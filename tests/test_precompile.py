@@ -45,3 +45,30 @@ def test_tiny_model_compiles_for_v5e_2x2_and_reports_memory_and_mfu():
     assert model_flops and float(model_flops.group(1)) > 0, out
     mfu = re.search(r"MFU at most (\d+\.\d)%", out)
     assert mfu and 0 < float(mfu.group(1)) <= 100, out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -r requirements-tpu.txt)")
+@pytest.mark.parametrize("model_gin, preset, mesh", [
+    ("t5_1_1_tiny.gin", "fsdp", "--gin.make_mesh.fsdp=2"),
+    ("decoder_only_tiny.gin", "tp", "--gin.make_mesh.tensor=2"),
+])
+def test_decoding_compiles_for_v5e_2x2_and_reports_its_memory(model_gin, preset, mesh):
+    done = subprocess.run(
+        [sys.executable, "-m", "t5lite.precompile", "--gin_file=gin/base.gin", f"--gin_file=gin/models/{model_gin}",
+         '--gin.TOPOLOGY="v5e:2x2"', f"--gin.train.partitioning_preset='{preset}'", mesh,
+         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.BATCH_SIZE=8", "--decode"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout)
+    out = done.stdout
+    assert "topology v5e:2x2: 4 chips, 16.00 GiB HBM per chip" in out
+    assert "decoding (t5lite.eval / infer): batch 8, greedy, 16 new tokens" in out
+    memory = re.search(r"memory per chip: parameters (\d+\.\d+) MiB, split per layer (\d+\.\d+) MiB, caches and "
+                       r"temporaries (\d+\.\d+) MiB", out)
+    assert memory, out
+    params, split, temporaries = map(float, memory.groups())
+    # Scanned tiny models: the per-layer copy holds the same parameters; the caches are not empty.
+    assert params > 0 and split == pytest.approx(params, rel=0.05) and temporaries > 0, out
+    assert re.search(r"total \d+\.\d+ MiB of 16.00 GiB: fits", out), out
