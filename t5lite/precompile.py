@@ -14,8 +14,9 @@ estimate to measure a real run against (the compile-only cost model may undercou
 
 `--decode` compiles what t5lite.eval / t5lite.infer decode with instead (same model, preset and
 mesh; batch BATCH_SIZE, inputs and TASK_FEATURE_LENGTHS["targets"] new tokens, DecodeConfig's
-method): per chip, the parameters, their copy split per layer (scanned models; t5lite.eval keeps
-both while it also scores), the caches and other temporaries, and whether it all fits.
+method): per chip, the parameters, their decoding copy (split per layer, matmul weights in the
+compute dtype; t5lite.eval keeps both while it also scores), the caches and other temporaries, and
+whether it all fits.
 """
 
 from __future__ import annotations
@@ -156,13 +157,13 @@ def compile_decode(devices: Sequence[jax.Device], config: TransformerConfig) -> 
 
 def decode_report(to_decode_layout: jax.stages.Compiled, predict: jax.stages.Compiled, topology: Topology,
                   config: TransformerConfig) -> dict[str, float]:
-    """Per-chip memory of decoding: parameters, their per-layer copy, predict's temporaries."""
+    """Per-chip memory of decoding: parameters, their decoding copy, predict's temporaries."""
     split = to_decode_layout.memory_analysis()
     memory = predict.memory_analysis()
     report = {
         "param_bytes": split.argument_size_in_bytes,
-        # Unscanned params are already per layer: decode_params returns them as they are.
-        "split_bytes": split.output_size_in_bytes if config.scan_layers else 0,
+        # Unscanned float32 params are already laid out for decoding: decode_params returns them.
+        "split_bytes": split.output_size_in_bytes if config.scan_layers or config.compute_dtype != jnp.float32 else 0,
         "batch_bytes": memory.argument_size_in_bytes - split.output_size_in_bytes,
         "temp_bytes": memory.temp_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes,
@@ -183,7 +184,7 @@ def format_decode_report(report: dict[str, float], topology: Topology) -> str:
         f"topology {topology.name}: {topology.chips} chips, {gib(report['hbm_bytes'])} HBM per chip",
         f"decoding (t5lite.eval / infer): batch {settings['batch_size']}{beams}, {decode.method}, "
         f"{dict(settings['task_feature_lengths'])['targets']} new tokens",
-        f"memory per chip: parameters {gib(report['param_bytes'])}, split per layer {gib(report['split_bytes'])}, "
+        f"memory per chip: parameters {gib(report['param_bytes'])}, decoding copy {gib(report['split_bytes'])}, "
         f"caches and temporaries {gib(report['temp_bytes'])}, batch and outputs "
         f"{gib(report['batch_bytes'] + report['output_bytes'])}, code {gib(report['code_bytes'])}",
         f"total {gib(report['total_bytes'])} of {gib(report['hbm_bytes'])}: {fits}",

@@ -15,7 +15,7 @@ from t5lite.model import decoding
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig, filter_logits
 from t5lite.model.layers import project
-from t5lite.model.models import Model
+from t5lite.model.models import Model, cast_compute_weights
 
 TINY = TransformerConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48,
                          num_encoder_layers=2, num_decoder_layers=2)
@@ -105,6 +105,32 @@ def test_params_split_per_layer_once_decode_like_scanned_params():
     split_tokens, split_scores = _predict(model, decode_params, _encdec_batch(), config)
     np.testing.assert_array_equal(split_tokens, tokens)
     np.testing.assert_allclose(split_scores, scores, rtol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only"])
+def test_bfloat16_decode_params_hold_matmul_weights_in_bfloat16_and_change_no_result(architecture):
+    config = dataclasses.replace(TINY, architecture=architecture, dtype="bfloat16")
+    shapes = {"decoder_input_tokens": (2, MAX_NEW)}
+    if architecture == "encoder_decoder":
+        shapes["encoder_input_tokens"] = (2, 10)
+    model, params = _model(config, shapes)
+    decode_params = jax.jit(model.decode_params)(params)
+    used_in_float32 = ("['scale']", "['rel_embedding']")  # norms and the position bias
+    for path, leaf in jax.tree_util.tree_flatten_with_path(decode_params)[0]:
+        name = jax.tree_util.keystr(path)
+        assert leaf.dtype == (jnp.float32 if name.endswith(used_in_float32) else jnp.bfloat16), name
+    # The layers compute with exactly these values: the training forward pass gives the same logits.
+    tokens = np.random.default_rng(1).integers(2, 64, (2, MAX_NEW)).astype(np.int32)
+    batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens}
+    if architecture == "encoder_decoder":
+        batch["encoder_input_tokens"] = _encdec_batch()["encoder_input_tokens"]
+    np.testing.assert_array_equal(model.logits(cast_compute_weights(params, jnp.bfloat16), batch),
+                                  model.logits(params, batch))
+    decode_batch = _encdec_batch() if architecture == "encoder_decoder" else _prompt_batch()
+    config = DecodeConfig(max_decode_length=MAX_NEW, eos_id=63)
+    for got, expected in zip(_predict(model, decode_params, decode_batch, config),
+                             _predict(model, params, decode_batch, config), strict=True):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_cached_greedy_with_prefix_lm_prompts_equals_full_forward_greedy_decoder_only():

@@ -65,10 +65,10 @@ def test_decoding_compiles_for_v5e_2x2_and_reports_its_memory(model_gin, preset,
     out = done.stdout
     assert "topology v5e:2x2: 4 chips, 16.00 GiB HBM per chip" in out
     assert "decoding (t5lite.eval / infer): batch 8, greedy, 16 new tokens" in out
-    memory = re.search(r"memory per chip: parameters (\d+\.\d+) MiB, split per layer (\d+\.\d+) MiB, caches and "
+    memory = re.search(r"memory per chip: parameters (\d+\.\d+) MiB, decoding copy (\d+\.\d+) MiB, caches and "
                        r"temporaries (\d+\.\d+) MiB", out)
     assert memory, out
-    params, split, temporaries = map(float, memory.groups())
-    # Scanned tiny models: the per-layer copy holds the same parameters; the caches are not empty.
-    assert params > 0 and split == pytest.approx(params, rel=0.05) and temporaries > 0, out
+    params, copy, temporaries = map(float, memory.groups())
+    # The decoding copy holds the matmul weights in bfloat16 (TPU's compute dtype): about half.
+    assert params > 0 and copy == pytest.approx(params / 2, rel=0.1) and temporaries > 0, out
     assert re.search(r"total \d+\.\d+ MiB of 16.00 GiB: fits", out), out
