@@ -140,6 +140,7 @@ def evaluate(
     after this long without a new checkpoint (None: never).
     """
     checkpoints_dir, step = evaluation.resolve_checkpoint_path(checkpoint_path)
+    evaluation.check_trained_vocabulary(checkpoints_dir, mixture_or_task_name)
     output_dir = output_dir or os.path.join(os.path.dirname(checkpoints_dir), "eval")
     if not watch and step is None:
         step = distributed.agree(evaluation.latest_checkpoint_step(checkpoints_dir))

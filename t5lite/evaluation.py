@@ -22,7 +22,7 @@ import tensorflow as tf
 from jax.sharding import Mesh
 
 from t5lite import checkpoints, fileio, inference
-from t5lite.data import pipeline
+from t5lite.data import pipeline, vocab_record
 from t5lite.errors import UserError
 from t5lite.model.decoding import DecodeConfig
 from t5lite.model.models import Model
@@ -91,6 +91,14 @@ def check_vocabulary(model: Model, source: str, output_features: Mapping[str, se
                 f"{source} feature {name!r} uses a vocabulary of {feature.vocabulary.vocab_size} ids, "
                 f"but the model has TransformerConfig.vocab_size={model.config.vocab_size}. Evaluate with the "
                 "vocabulary and gin files the model was trained with.")
+
+
+def check_trained_vocabulary(checkpoints_dir: str, mixture_or_task_name: str) -> None:
+    """UserError if a task of the mixture uses another vocabulary than the checkpoints' run was
+    trained with (MODEL_DIR/vocabulary.json; see vocab_record)."""
+    model_dir = vocab_record.model_dir_of_checkpoint(checkpoints_dir)
+    for task in pipeline.list_tasks_of(mixture_or_task_name):
+        vocab_record.check(model_dir, f"task {task!r}", seqio.get_mixture_or_task(task).output_features)
 
 
 def padded_batches(dataset: tf.data.Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:

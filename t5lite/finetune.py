@@ -46,6 +46,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5lite import fileio, partitioning, peft
+from t5lite.data import vocab_record
 from t5lite.errors import UserError
 
 Params = Any
@@ -314,6 +315,7 @@ def export_merged(model_dir: str, output: str, *, step: int | None = None) -> st
     target.save(step, {"step": state.step, "params": merged}, force=True)
     target.wait()
     target.close()
+    vocab_record.copy(model_dir, output)
     return fileio.join(output, "checkpoints", str(step))
 
 

@@ -41,7 +41,7 @@ import seqio
 import tensorflow as tf
 
 from t5lite import distributed, evaluation, gin_cli, inference, partitioning, trainer
-from t5lite.data import pipeline
+from t5lite.data import pipeline, vocab_record
 from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
@@ -189,8 +189,11 @@ def infer(
         task = get_task(task_name)
         lengths = {k: v for k, v in task_feature_lengths.items() if k in task.output_features}
         examples, vocabulary = read_task(task, split, lengths, seed)
-    evaluation.check_vocabulary(model, input_file or repr(task_name),
-                                {"targets": seqio.Feature(vocabulary)})
+    features = {"inputs": seqio.Feature(vocabulary), "targets": seqio.Feature(vocabulary)}
+    evaluation.check_vocabulary(model, input_file or repr(task_name), features)
+    vocab_record.check(vocab_record.model_dir_of_checkpoint(checkpoints_dir),
+                       f"infer.input_file (t5lite's default vocabulary) {input_file!r}" if input_file
+                       else f"task {task_name!r}", {k: v for k, v in features.items() if k in lengths})
     examples = examples[:num_examples]
 
     # Process 0 owns the output; every process decodes the same batches (its share of each).

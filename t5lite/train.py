@@ -38,7 +38,7 @@ import numpy as np
 import seqio
 
 from t5lite import checkpoints, evaluation, fileio, finetune, gin_cli, observability, partitioning, preemption, trainer
-from t5lite.data import pipeline  # registers the tasks and their gin configurables before parsing
+from t5lite.data import pipeline, vocab_record  # pipeline registers the tasks and their gin configurables
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model, normalize_metric_sums
@@ -121,6 +121,24 @@ def evaluate(eval_step, params, eval_batches: Mapping[str, list], mesh) -> dict[
             sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
         results[name] = {k: float(v) for k, v in normalize_metric_sums(sums).items()}
     return results
+
+
+def check_vocabularies(mixture_or_task_name: str, eval_tasks: Sequence[str], model_dir: str,
+                       initial_checkpoint_path: str | None) -> Mapping[str, seqio.Feature]:
+    """The training data's features, after checking that the eval tasks, the run being resumed in
+    MODEL_DIR and the initial checkpoint's run all use the same vocabularies (see vocab_record)."""
+    features = seqio.get_mixture_or_task(mixture_or_task_name).output_features
+    trained = {name: vocab_record.describe(feature.vocabulary) for name, feature in features.items()}
+    for task in eval_tasks:
+        vocab_record.check_against(trained, f"the training data {mixture_or_task_name!r} uses", f"eval task {task!r}",
+                                   seqio.get_mixture_or_task(task).output_features)
+    checkpoints_dir = os.path.join(model_dir, "checkpoints")
+    if fileio.isdir(checkpoints_dir) and evaluation.checkpoint_steps(checkpoints_dir):  # a resumed run
+        vocab_record.check(model_dir, f"the training data {mixture_or_task_name!r}", features)
+    if initial_checkpoint_path:
+        vocab_record.check(vocab_record.model_dir_of_checkpoint(initial_checkpoint_path),
+                           f"the training data {mixture_or_task_name!r}", features)
+    return features
 
 
 def count_real_tokens(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
@@ -211,6 +229,7 @@ def train(
     model_type = data_model_type(config, prefix_lm)
     pipeline.list_tasks_of(mixture_or_task_name)  # an unknown name fails here, with close matches
     eval_tasks = pipeline.list_tasks_of(eval_mixture_or_task_name or mixture_or_task_name)
+    train_features = check_vocabularies(mixture_or_task_name, eval_tasks, model_dir, initial_checkpoint_path)
     batch_kwargs = dict(
         task_feature_lengths=dict(task_feature_lengths), model_type=model_type,
         batch_size=batch_size // jax.process_count(),
@@ -284,6 +303,7 @@ def train(
     if is_chief:
         with fileio.open_file(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())  # every binding as parsed (files + --gin. flags)
+        vocab_record.write(model_dir, train_features)
         print(f"t5lite: {config.architecture}, {num_params:,} parameters, mesh {dict(mesh.shape)}, "
               f"preset {partitioning_preset!r}, batch {batch_size}, lengths {dict(task_feature_lengths)}, "
               f"steps {start_step}->{num_train_steps}, MODEL_DIR {model_dir}", flush=True)

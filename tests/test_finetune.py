@@ -14,6 +14,7 @@ import seqio
 
 from t5lite import checkpoints, evaluation, finetune, partitioning, peft, trainer
 from t5lite import train as train_lib
+from t5lite.data import vocab_record
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model
@@ -235,6 +236,7 @@ def test_pretrain_then_finetune_on_sst2_and_export_merged_lora(tmp_path, capsys,
     assert finetune.main([f"--model_dir={qlora}", f"--output={merged_dir}"]) == 0
     assert finetune.make_adaptation().base_bits == 4  # gin now holds the run's config.gin
     assert checkpoints.read_step(f"{merged_dir}/checkpoints/16") == 16
+    assert vocab_record.read(merged_dir) == vocab_record.read(qlora) is not None  # eval / infer check it
     model, mesh, rules = Model(TransformerConfig()), partitioning.make_mesh(), partitioning.axis_rules("dp")
     init = trainer.make_sharded_init(model, optax.adamw(1e-3), model.input_shapes(8, {"inputs": 64, "targets": 4}),
                                      mesh, rules)

@@ -80,6 +80,8 @@ def test_tiny_model_trains_on_real_text_and_writes_its_outputs(tmp_path, capsys)
     assert "train.num_train_steps = %TRAIN_STEPS" in operative and "TRAIN_STEPS = 60" in operative
     assert "TransformerConfig.emb_dim = 64" in operative
     assert "token_embedder/embedding" in open(os.path.join(model_dir, "model-info.txt")).read()
+    recorded = json.load(open(os.path.join(model_dir, "vocabulary.json")))
+    assert set(recorded) == {"inputs", "targets"} and recorded["targets"]["vocab_size"] == 8100
     assert glob.glob(os.path.join(model_dir, "tensorboard", "train", "events.out.tfevents.*"))
     assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == ["30", "60"]
     assert "step 60/60" in out.out and "ETA" in out.out and "tok/s" in out.out
