@@ -51,16 +51,19 @@ def model_dir_of_checkpoint(path: str) -> str:
 
 def write(model_dir: str, features: Mapping[str, seqio.Feature]) -> None:
     """MODEL_DIR/vocabulary.json: the vocabulary of each feature of the data a run trains on."""
-    with fileio.open_file(fileio.join(model_dir, RECORD), "w") as f:
-        json.dump({name: describe(feature.vocabulary) for name, feature in features.items()}, f, indent=2)
+    _write_record(model_dir, {name: describe(feature.vocabulary) for name, feature in features.items()})
 
 
 def copy(model_dir: str, new_model_dir: str) -> None:
     """Gives `new_model_dir` (e.g. an export of the model) the record of `model_dir`, if it has one."""
     record = read(model_dir)
     if record is not None:
-        with fileio.open_file(fileio.join(new_model_dir, RECORD), "w") as f:
-            json.dump(record, f, indent=2)
+        _write_record(new_model_dir, record)
+
+
+def _write_record(model_dir: str, record: Mapping[str, Mapping[str, Any]]) -> None:
+    with fileio.open_file(fileio.join(model_dir, RECORD), "w") as f:
+        json.dump(record, f, indent=2)
 
 
 def read(model_dir: str) -> dict[str, dict[str, Any]] | None:
