@@ -6,9 +6,11 @@
         --gin.infer.mode=\\"score\\" --gin.infer.output_path=\\"scores.jsonl\\"
 
 Input file: `.jsonl` (one JSON object per line: "inputs", and "targets" to score) or any other
-extension (one input text per line). Malformed lines are all reported, with line numbers, before
-any compute. Output: one JSON object per example, in input order: {"index", "inputs", "prediction",
-"score"} (predict) or {"index", "inputs", "targets", "score"} (score: log-likelihood of targets).
+extension (one input text per line), encoded with the vocabulary the model was trained with (its
+MODEL_DIR/vocabulary.json; t5lite's default vocabulary if there is none). Malformed lines are all
+reported, with line numbers, before any compute. Output: one JSON object per example, in input
+order: {"index", "inputs", "prediction", "score"} (predict) or {"index", "inputs", "targets",
+"score"} (score: log-likelihood of targets).
 Resumable: records already in output_path are kept and their examples skipped. Batches are
 decoded data-parallel over the mesh's data axes; with several processes (--coordinator_address
 etc., or a TPU VM slice) every process reads all examples, decodes its share of each batch, and
@@ -182,8 +184,11 @@ def infer(
         step = distributed.agree(evaluation.latest_checkpoint_step(checkpoints_dir))
 
     model = Model(TransformerConfig())
+    model_dir = vocab_record.model_dir_of_checkpoint(checkpoints_dir)
     if input_file is not None:
-        examples, vocabulary = read_input_file(input_file, needs_targets=mode == "score"), get_default_vocabulary()
+        examples = read_input_file(input_file, needs_targets=mode == "score")
+        # The vocabulary the model was trained with, if its MODEL_DIR records one.
+        vocabulary = vocab_record.trained_vocabulary(model_dir) or get_default_vocabulary()
         lengths = dict(task_feature_lengths)
     else:
         task = get_task(task_name)
@@ -191,9 +196,8 @@ def infer(
         examples, vocabulary = read_task(task, split, lengths, seed)
     features = {"inputs": seqio.Feature(vocabulary), "targets": seqio.Feature(vocabulary)}
     evaluation.check_vocabulary(model, input_file or repr(task_name), features)
-    vocab_record.check(vocab_record.model_dir_of_checkpoint(checkpoints_dir),
-                       f"infer.input_file (t5lite's default vocabulary) {input_file!r}" if input_file
-                       else f"task {task_name!r}", {k: v for k, v in features.items() if k in lengths})
+    vocab_record.check(model_dir, f"infer.input_file {input_file!r}" if input_file else f"task {task_name!r}",
+                       {k: v for k, v in features.items() if k in lengths})
     examples = examples[:num_examples]
 
     # Process 0 owns the output; every process decodes the same batches (its share of each).

@@ -113,14 +113,49 @@ def test_eval_and_infer_refuse_a_checkpoint_trained_with_another_vocabulary(tmp_
     assert re.search(r"task 't5lite_test_\w+' tokenizes 'inputs' with SentencePieceVocabulary of 8100 ids", err)
     assert f"but the model in {model_dir} was trained with ByteVocabulary of 259 ids" in err
 
-    inputs = tmp_path / "in.txt"
-    inputs.write_text("copy: apple river\n")
     gin.clear_config()
-    assert infer_lib.main(["--gin_file=gin/runs/infer.gin", "--gin_file=gin/models/t5_1_1_tiny.gin",
-                           f"--gin.MODEL_DIR='{model_dir}'", f"--gin.infer.input_file='{inputs}'",
-                           f"--gin.infer.output_path='{tmp_path / 'out.jsonl'}'"]) == 2
-    assert f"infer.input_file (t5lite's default vocabulary) '{inputs}' tokenizes" in capsys.readouterr().err
+    task = "--gin.infer.task_name='t5lite_test_copy'"
+    assert infer_lib.main(_infer_args(model_dir, tmp_path / "out.jsonl", task)) == 2
+    assert "task 't5lite_test_copy' tokenizes 'inputs' with SentencePieceVocabulary" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def _infer_args(model_dir, output, *extra):
+    return ["--gin_file=gin/runs/infer.gin", "--gin_file=gin/models/t5_1_1_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
+            f"--gin.infer.output_path='{output}'", "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 4}", *extra]
+
+
+def test_infer_encodes_an_input_file_with_the_vocabulary_the_model_was_trained_with(tmp_path, capsys):
+    model_dir = str(tmp_path / "run")
+    _save_random_checkpoint(model_dir, 1, 0)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"inputs": "copy: apple", "targets": "apple"}) + "\n")
+    _record_bytes_vocabulary(model_dir)
+    assert isinstance(vocab_record.trained_vocabulary(model_dir), seqio.ByteVocabulary)
+    # The same file and checkpoint score differently once the record is gone: the targets were
+    # encoded with the byte vocabulary ("apple": 5 ids + EOS), then with the default one (fewer ids).
+    scores = {}
+    for name in ("bytes", "default"):
+        if name == "default":
+            os.remove(os.path.join(model_dir, "vocabulary.json"))
+        gin.clear_config()
+        out = tmp_path / f"{name}.jsonl"
+        assert infer_lib.main(_infer_args(model_dir, out, f"--gin.infer.input_file='{inputs}'",
+                                          "--gin.infer.mode='score'", "--gin.infer.batch_size=1")) == 0
+        scores[name] = json.loads(out.read_text())["score"]
+    assert scores["bytes"] != scores["default"]
+
+    a = _sentencepiece(tmp_path, "a", LINES_A)
+    vocab_record.write(model_dir, _features(a))
+    assert vocab_record.describe(vocab_record.trained_vocabulary(model_dir)) == vocab_record.describe(a)
+    os.replace(a.sentencepiece_model_file, tmp_path / "elsewhere.model")
+    gin.clear_config()
+    assert infer_lib.main(_infer_args(model_dir, tmp_path / "x.jsonl", f"--gin.infer.input_file='{inputs}'")) == 2
+    assert f"trained with the SentencePiece model {a.sentencepiece_model_file} (vocabulary.json), which does not " \
+           "exist here" in capsys.readouterr().err
+    _sentencepiece(tmp_path, "a", LINES_B)  # another model at the recorded path
+    with pytest.raises(UserError, match="has changed since the model"):
+        vocab_record.trained_vocabulary(model_dir)
 
 
 def test_training_refuses_to_resume_or_fine_tune_a_model_of_another_vocabulary(tmp_path, capsys):

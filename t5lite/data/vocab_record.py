@@ -75,6 +75,30 @@ def read(model_dir: str) -> dict[str, dict[str, Any]] | None:
         return json.load(f)
 
 
+def trained_vocabulary(model_dir: str) -> seqio.Vocabulary | None:
+    """The vocabulary of the training data's "targets", rebuilt from the record (SentencePiece from
+    its file, which must still have the recorded bytes; bytes); None without a record or for a
+    vocabulary class it cannot rebuild."""
+    record = read(model_dir)
+    description = (record or {}).get("targets")
+    if description is None:
+        return None
+    if description["type"] == "ByteVocabulary":
+        return seqio.ByteVocabulary(extra_ids=description["extra_ids"])
+    if description["type"] != "SentencePieceVocabulary":
+        return None
+    path = description["file"]
+    if not fileio.exists(path):
+        raise UserError(f"The model in {model_dir} was trained with the SentencePiece model {path} "
+                        f"({RECORD}), which does not exist here. Copy it there, or give the data as a task "
+                        "with that vocabulary.")
+    vocabulary = seqio.SentencePieceVocabulary(path, extra_ids=description["extra_ids"])
+    if _compared(describe(vocabulary)) != _compared(description):
+        raise UserError(f"{path} has changed since the model in {model_dir} was trained with it: it was "
+                        f"{_summary(description)}, it is {_summary(describe(vocabulary))}.")
+    return vocabulary
+
+
 def check(model_dir: str, data: str, features: Mapping[str, seqio.Feature]) -> None:
     """UserError if `data` (e.g. "task 'squad'") has a feature tokenized with another vocabulary than
     the model of `model_dir` was trained with. A feature the training data did not have (a prefix-LM
