@@ -4,7 +4,8 @@
 
 The output is an orbax StandardCheckpoint of the params tree (the same nesting as
 TrainState.params), with floating-point arrays cast to `dtype`; read it with
-ocp.StandardCheckpointer().restore(output).
+ocp.StandardCheckpointer().restore(output). Beside the params it holds the run's config.gin (the
+model's shapes) and vocabulary.json (what the model reads and writes), when the run has them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from t5lite import checkpoints
+from t5lite import checkpoints, fileio
+from t5lite.data import vocab_record
 from t5lite.errors import UserError
 
 EXPORT_DTYPES = ("float32", "bfloat16")
@@ -35,6 +37,12 @@ def export_params(checkpoint: str, output: str, *, dtype: str = "float32") -> st
     params = jax.tree_util.tree_map(cast, checkpoints.read_params(checkpoint))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(output, params)
+    model_dir = vocab_record.model_dir_of_checkpoint(fileio.absolute(checkpoint))
+    config = fileio.join(model_dir, "config.gin")
+    if fileio.exists(config):
+        with fileio.open_file(config) as source, fileio.open_file(fileio.join(output, "config.gin"), "w") as copy:
+            copy.write(source.read())
+    vocab_record.copy(model_dir, output)
     return output
 
 

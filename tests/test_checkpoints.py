@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import seqio
 
 from t5lite import checkpoints, export
+from t5lite.data import vocab_record
 from t5lite.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +133,19 @@ def test_export_writes_only_the_params_in_the_requested_dtype(tmp_path, dtype):
     np.testing.assert_array_equal(np.asarray(released["b"], np.float32), np.full((8,), -1.5))
     with pytest.raises(UserError, match="already exists"):
         export.export_params(str(tmp_path / "run" / "7"), out)
+
+
+def test_export_carries_the_runs_config_and_vocabulary_record(tmp_path):
+    run = tmp_path / "run"
+    ckpt = checkpoints.Checkpointer(str(run / "checkpoints"), save_every=1)
+    ckpt.save(3, _state(1.0))
+    ckpt.close()
+    (run / "config.gin").write_text("TransformerConfig.emb_dim = 32\n")
+    vocab_record.write(str(run), {"targets": seqio.Feature(seqio.ByteVocabulary())})
+    out = export.export_params(str(run / "checkpoints" / "3"), str(tmp_path / "release"))
+    assert (tmp_path / "release" / "config.gin").read_text() == "TransformerConfig.emb_dim = 32\n"
+    assert vocab_record.read(out) == vocab_record.read(str(run))
+    assert set(ocp.StandardCheckpointer().restore(out)) == {"w", "b"}  # the extra files do not disturb orbax
 
 
 # Runs in a fresh process: the simulated device count must be set before jax initialises.
