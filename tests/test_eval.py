@@ -70,12 +70,6 @@ if "t5lite_test_eval" not in seqio.MixtureRegistry.names():
                                                    "t5lite_test_no_metrics"], default_rate=1.0)
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
 
 def _gin_args(model_dir, *extra):
     return ["--gin_file=gin/runs/eval.gin", "--gin_file=gin/models/t5_1_1_tiny.gin",

@@ -10,13 +10,6 @@ from t5lite import infer as infer_lib
 from t5lite.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def test_malformed_lines_are_all_reported_with_line_numbers(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text('{"inputs": "fine"}\nnot json\n\n["a list"]\n{"inputs": 3}\n{"inputs": "ok too"}\n')

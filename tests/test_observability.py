@@ -5,7 +5,6 @@ import json
 import os
 from types import SimpleNamespace
 
-import gin
 import jax
 import pytest
 
@@ -16,12 +15,6 @@ from t5lite.model.config import TransformerConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def test_mfu_matches_a_hand_computation():

@@ -13,13 +13,6 @@ import pytest
 from t5lite import optim
 
 
-@pytest.fixture(autouse=True)
-def clean_gin_config():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def constant_lr(learning_rate: float) -> optax.Schedule:
     return optim.make_schedule(name="constant", learning_rate=learning_rate, warmup_steps=0)
 

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import gin
 import jax
 import numpy as np
 import optax
@@ -52,12 +51,6 @@ def _spec(sharding) -> tuple:
         spec.pop()
     return tuple(spec)
 
-
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 # --- 8 simulated devices: every preset trains exactly like one device -----------------------------

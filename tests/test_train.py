@@ -32,12 +32,6 @@ TINY_RUN = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
 
 def _run_main(args, capsys):
     code = train_lib.main(args)

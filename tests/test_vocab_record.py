@@ -32,12 +32,6 @@ if "t5lite_test_bytes" not in seqio.TaskRegistry.names():
         preprocessors=[seqio.preprocessors.tokenize])
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
 
 def _features(vocabulary):
     return {k: seqio.Feature(vocabulary) for k in ("inputs", "targets")}
