@@ -151,6 +151,15 @@ def test_infer_encodes_an_input_file_with_the_vocabulary_the_model_was_trained_w
     with pytest.raises(UserError, match="has changed since the model"):
         vocab_record.trained_vocabulary(model_dir)
 
+    # A run trained with the default vocabulary in another clone of t5lite (its recorded path is gone):
+    # the default vocabulary here has the recorded bytes, so it is the one.
+    default = vocab.get_default_vocabulary()
+    record = {k: {**vocab_record.describe(default), "file": "/elsewhere/t5lite/data/vocab/default.model"}
+              for k in ("inputs", "targets")}
+    with open(os.path.join(model_dir, "vocabulary.json"), "w") as f:
+        json.dump(record, f)
+    assert vocab_record.trained_vocabulary(model_dir) is default
+
 
 def test_training_refuses_to_resume_or_fine_tune_a_model_of_another_vocabulary(tmp_path, capsys):
     resumed = str(tmp_path / "resumed")

@@ -20,6 +20,7 @@ from typing import Any
 import seqio
 
 from t5lite import fileio
+from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
 
 RECORD = "vocabulary.json"
@@ -76,9 +77,10 @@ def read(model_dir: str) -> dict[str, dict[str, Any]] | None:
 
 
 def trained_vocabulary(model_dir: str) -> seqio.Vocabulary | None:
-    """The vocabulary of the training data's "targets", rebuilt from the record (SentencePiece from
-    its file, which must still have the recorded bytes; bytes); None without a record or for a
-    vocabulary class it cannot rebuild."""
+    """The vocabulary of the training data's "targets", rebuilt from the record (SentencePiece: t5lite's
+    default vocabulary if it has the recorded bytes, wherever this copy of t5lite is, else the recorded
+    file, which must still have them; bytes); None without a record or for a vocabulary class it
+    cannot rebuild."""
     record = read(model_dir)
     description = (record or {}).get("targets")
     if description is None:
@@ -87,6 +89,9 @@ def trained_vocabulary(model_dir: str) -> seqio.Vocabulary | None:
         return seqio.ByteVocabulary(extra_ids=description["extra_ids"])
     if description["type"] != "SentencePieceVocabulary":
         return None
+    default = get_default_vocabulary()
+    if _compared(describe(default)) == _compared(description):  # a run moved to another machine or clone
+        return default
     path = description["file"]
     if not fileio.exists(path):
         raise UserError(f"The model in {model_dir} was trained with the SentencePiece model {path} "
