@@ -235,7 +235,6 @@ def merge_results(teacher_forced: Mapping[str, Mapping[str, float]],
     return merged
 
 
-
 class TrainingMonitor:
     """What training runs besides teacher-forced eval: inference evaluation every
     `infer_eval_every` steps (0: never) and early stopping; one call per step from the loop."""

@@ -70,7 +70,6 @@ if "t5lite_test_eval" not in seqio.MixtureRegistry.names():
                                                    "t5lite_test_no_metrics"], default_rate=1.0)
 
 
-
 def _gin_args(model_dir, *extra):
     return ["--gin_file=gin/runs/eval.gin", "--gin_file=gin/models/t5_1_1_tiny.gin",
             f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='t5lite_test_eval'",

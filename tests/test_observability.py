@@ -16,7 +16,6 @@ from t5lite.model.config import TransformerConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
 def test_mfu_matches_a_hand_computation():
     config = TransformerConfig(vocab_size=32, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16,
                                num_encoder_layers=1, num_decoder_layers=1)

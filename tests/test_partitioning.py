@@ -52,7 +52,6 @@ def _spec(sharding) -> tuple:
     return tuple(spec)
 
 
-
 # --- 8 simulated devices: every preset trains exactly like one device -----------------------------
 
 @pytest.mark.slow

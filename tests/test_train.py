@@ -32,7 +32,6 @@ TINY_RUN = [
 ]
 
 
-
 def _run_main(args, capsys):
     code = train_lib.main(args)
     return code, capsys.readouterr()

@@ -32,7 +32,6 @@ if "t5lite_test_bytes" not in seqio.TaskRegistry.names():
         preprocessors=[seqio.preprocessors.tokenize])
 
 
-
 def _features(vocabulary):
     return {k: seqio.Feature(vocabulary) for k in ("inputs", "targets")}
 
