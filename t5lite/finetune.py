@@ -279,7 +279,8 @@ def summary_lines(adaptation: Adaptation, state_shapes: Any, model_params_shapes
 
 def export_merged(model_dir: str, output: str, *, step: int | None = None) -> str:
     """Writes `output`/checkpoints/<step>, a params-only checkpoint of the model's params (LoRA factors
-    merged into the dequantized base), readable by eval.py, infer.py, hf_t5 and initial_checkpoint_path.
+    merged into the dequantized base), readable by eval.py, infer.py, hf_t5 and initial_checkpoint_path;
+    beside it the run's vocabulary.json and config.gin.
 
     The run's own MODEL_DIR/config.gin rebuilds its model, optimizer and adaptation, so its checkpoint
     (default: the latest) restores exactly as a resume would. Clears and re-parses gin.
@@ -316,6 +317,9 @@ def export_merged(model_dir: str, output: str, *, step: int | None = None) -> st
     target.wait()
     target.close()
     vocab_record.copy(model_dir, output)
+    # The run's gin, for what reads the export's model from it (t5lite.hf_t5).
+    with fileio.open_file(config_path) as source, fileio.open_file(fileio.join(output, "config.gin"), "w") as copy:
+        copy.write(source.read())
     return fileio.join(output, "checkpoints", str(step))
 
 

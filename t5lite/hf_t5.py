@@ -3,6 +3,13 @@
     config, params = load_hf_t5("path/to/t5-v1_1-small")        # config.json + model.safetensors
     save_hf_t5(params, config, "path/to/export")                  # (or pytorch_model.bin on import)
 
+A training checkpoint, as a directory transformers' from_pretrained reads (model and tokenizer):
+
+    python -m t5lite.hf_t5 --checkpoint=runs/base/checkpoints/600 --output=hf/base
+
+The model's shapes come from the run's MODEL_DIR/config.gin, its tokenizer from the vocabulary it
+was trained with (MODEL_DIR/vocabulary.json; t5lite's default without one).
+
 Only T5 v1.1-style models map onto t5lite: gated-GELU MLP, RMS layer norm, relative position
 bias in the first layer of each stack. Parameters are float32 numpy arrays; torch Linear
 weights are [out, in], t5lite kernels are [in, ...out], so every kernel is transposed.
@@ -10,12 +17,21 @@ weights are [out, in], t5lite kernels are [in, ...out], so every kernel is trans
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
+import sys
+from collections.abc import Sequence
 from typing import Any
 
+import gin
 import numpy as np
+import seqio
 
+from t5lite import checkpoints, fileio
+from t5lite.data import vocab_record
+from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
 
@@ -174,10 +190,98 @@ def save_hf_t5(params: Params, config: TransformerConfig, directory: str) -> Non
     """Writes config.json and model.safetensors that transformers' from_pretrained reads."""
     from safetensors.numpy import save_file  # noqa: PLC0415
 
+    hf_config = hf_config_from(config)  # refuses what HF T5 cannot describe before writing anything
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config_from(config), f, indent=2)
+        json.dump(hf_config, f, indent=2)
     tensors = params_to_hf(params, config)
     # transformers ties these to shared.weight; store them too so any loader finds them.
     tensors["encoder.embed_tokens.weight"] = tensors["decoder.embed_tokens.weight"] = tensors["shared.weight"]
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))
+
+
+def save_hf_tokenizer(vocabulary: seqio.Vocabulary, directory: str) -> None:
+    """Tokenizer files for `vocabulary` that transformers' AutoTokenizer reads: a SentencePiece
+    vocabulary as T5Tokenizer (spiece.model), a byte vocabulary as ByT5Tokenizer; both with seqio's
+    sentinels (<extra_id_0> is the last id).
+
+    The ids of text agree with seqio's, except after a newline with a SentencePiece model that has
+    "\\n" as a piece (t5lite's default): T5Tokenizer starts a new word there ("▁new"), seqio does not."""
+    if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+        with fileio.open_file(vocabulary.sentencepiece_model_file, "rb") as source, \
+                open(os.path.join(directory, "spiece.model"), "wb") as copy:
+            shutil.copyfileobj(source, copy)
+        pieces = vocabulary.tokenizer  # the SentencePiece processor
+        # T5Tokenizer assumes <pad> </s> <unk>; name this model's own pieces (t5lite's default has <unk_sp>).
+        config = {"tokenizer_class": "T5Tokenizer", "pad_token": pieces.id_to_piece(vocabulary.pad_id),
+                  "eos_token": pieces.id_to_piece(vocabulary.eos_id),
+                  "unk_token": pieces.id_to_piece(vocabulary.unk_id), "extra_ids": vocabulary.extra_ids}
+    elif isinstance(vocabulary, seqio.ByteVocabulary):
+        # ByT5Tokenizer's own sentinels count up from the first id after the bytes; seqio's count down
+        # from the last id. Name each id explicitly instead.
+        special = {0: "<pad>", 1: "</s>", 2: "<unk>",
+                   **{vocabulary.vocab_size - 1 - i: f"<extra_id_{i}>" for i in range(vocabulary.extra_ids)}}
+        config = {"tokenizer_class": "ByT5Tokenizer", "extra_ids": 0,
+                  "additional_special_tokens": [f"<extra_id_{i}>" for i in range(vocabulary.extra_ids)],
+                  "added_tokens_decoder": {str(i): {"content": token, "lstrip": False, "normalized": False,
+                                                    "rstrip": False, "single_word": False, "special": True}
+                                           for i, token in special.items()}}
+    else:
+        raise UserError(f"No Hugging Face tokenizer for a {type(vocabulary).__name__}; only SentencePiece and "
+                        "byte vocabularies export.")
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def export_checkpoint(checkpoint: str, output: str) -> str:
+    """Writes the params of a training checkpoint (MODEL_DIR/checkpoints/<step>) and the tokenizer of
+    its vocabulary to the new directory `output`. Clears and re-parses gin (MODEL_DIR/config.gin)."""
+    if os.path.exists(output):
+        raise UserError(f"{output} already exists; choose a new --output directory.")
+    model_dir = vocab_record.model_dir_of_checkpoint(fileio.absolute(checkpoint))
+    config_path = fileio.join(model_dir, "config.gin")
+    if not fileio.exists(config_path):
+        raise UserError(f"{config_path} does not exist: pass MODEL_DIR/checkpoints/<step> of a t5lite run (or of "
+                        "an export by t5lite.finetune, which copies the run's config.gin).")
+    gin.clear_config()
+    with fileio.open_file(config_path) as f:
+        gin.parse_config(f.read())
+    config = TransformerConfig()
+    gin.clear_config()
+    params = checkpoints.read_params(checkpoint)
+    if "lora" in params:
+        raise UserError(f"{checkpoint} is a LoRA fine-tuning checkpoint: merge its adapters first "
+                        "(python -m t5lite.finetune --model_dir=... --output=...) and export the merged checkpoint.")
+    embedding = params.get("token_embedder", {}).get("embedding")
+    if np.shape(embedding) != (config.vocab_size, config.emb_dim):
+        raise UserError(f"{checkpoint}'s token embedding is {np.shape(embedding)}, but {config_path} describes a "
+                        f"model of ({config.vocab_size}, {config.emb_dim}).")
+    vocabulary = vocab_record.trained_vocabulary(model_dir)
+    if vocabulary is None:
+        if vocab_record.read(model_dir) is not None:
+            raise UserError(f"{model_dir}/{vocab_record.RECORD} names a vocabulary t5lite cannot rebuild; only "
+                            "SentencePiece and byte vocabularies export.")
+        print(f"{model_dir} has no {vocab_record.RECORD}: exporting t5lite's default vocabulary as the tokenizer.",
+              file=sys.stderr)
+        vocabulary = get_default_vocabulary()
+    save_hf_t5(params, config, output)
+    save_hf_tokenizer(vocabulary, output)
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="MODEL_DIR/checkpoints/<step>")
+    parser.add_argument("--output", required=True, help="a new directory")
+    args = parser.parse_args(argv)
+    try:
+        path = export_checkpoint(args.checkpoint, args.output)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Wrote {args.checkpoint} as a Hugging Face T5 model and tokenizer to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

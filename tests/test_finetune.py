@@ -12,7 +12,7 @@ import optax
 import pytest
 import seqio
 
-from t5lite import checkpoints, evaluation, finetune, partitioning, peft, trainer
+from t5lite import checkpoints, evaluation, finetune, hf_t5, partitioning, peft, trainer
 from t5lite import train as train_lib
 from t5lite.data import vocab_record
 from t5lite.errors import UserError
@@ -249,4 +249,8 @@ def test_pretrain_then_finetune_on_sst2_and_export_merged_lora(tmp_path, capsys,
         loss = train_lib.evaluate(eval_step, merged, eval_data, mesh)["sst2"]["loss"]
     logged = [r for r in _jsonl(qlora) if r["group"] == "eval/sst2" and r["step"] == 16][0]["loss"]
     assert loss == pytest.approx(logged, rel=1e-5)
+    # The merged export carries the run's config.gin, so it converts to Hugging Face T5 as it is.
+    assert hf_t5.main([f"--checkpoint={merged_dir}/checkpoints/16", f"--output={tmp_path / 'hf'}"]) == 0
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "spiece.model",
+                                                   "tokenizer_config.json"]
     gin.clear_config()

@@ -1,16 +1,25 @@
 """Golden test: a transformers T5 v1.1 and its t5lite import give the same logits, both ways."""
 
 import dataclasses
+import os
+import re
 
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 import pytest
+import seqio
 
-from t5lite import hf_t5
+from t5lite import checkpoints, hf_t5
+from t5lite import train as train_lib
+from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
+from t5lite.model.decoding import DecodeConfig
 from t5lite.model.models import Model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -96,3 +105,86 @@ def test_non_v1_1_configs_and_bad_directories_are_refused(tmp_path):
         hf_t5.load_hf_t5(str(tmp_path))
     with pytest.raises(UserError, match="decoder-only|encoder-decoder"):
         hf_t5.hf_config_from(dataclasses.replace(TransformerConfig(), architecture="decoder_only"))
+
+
+def test_byte_vocabulary_exports_as_a_byt5_tokenizer_that_encodes_alike(tmp_path):
+    vocabulary = seqio.ByteVocabulary(extra_ids=100)
+    hf_t5.save_hf_tokenizer(vocabulary, str(tmp_path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "Café, naïve — 3 ✓ lines\nand tabs\t."
+    assert tokenizer(text).input_ids == [*vocabulary.encode(text), vocabulary.eos_id]
+    assert [tokenizer.convert_tokens_to_ids(f"<extra_id_{i}>") for i in (0, 99)] == [358, 259]  # seqio's order
+    assert tokenizer.decode([*vocabulary.encode("ok "), 357]) == "ok <extra_id_1>"
+
+
+@pytest.mark.slow
+def test_a_trained_checkpoint_exports_as_a_hf_model_and_tokenizer_that_generate_what_t5lite_decodes(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    model_dir = str(tmp_path / "run")
+    assert train_lib.main(["--gin_file=gin/base.gin", "--gin_file=gin/models/t5_1_1_tiny.gin", "--gin.TRAIN_STEPS=4",
+                           "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.BATCH_SIZE=8",
+                           "--gin.train.eval_batches=1", "--gin.train.checkpoint_every=4",
+                           f"--gin.MODEL_DIR='{model_dir}'"]) == 0
+    gin.clear_config()
+    with open(f"{model_dir}/config.gin") as f:
+        gin.parse_config(f.read())
+    config = TransformerConfig()  # the run's model
+    gin.clear_config()
+    output = str(tmp_path / "hf")
+    assert hf_t5.main([f"--checkpoint={model_dir}/checkpoints/4", f"--output={output}"]) == 0
+    assert hf_t5.main([f"--checkpoint={model_dir}/checkpoints/4", f"--output={output}"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(output)
+    hf_model = transformers.T5ForConditionalGeneration.from_pretrained(output).eval()
+    vocabulary = get_default_vocabulary()
+    # Lines of the embedded corpus; the tokenizers differ after a newline (T5Tokenizer's converter
+    # starts a word there, t5lite's SentencePiece model has "\n" as a piece), so none holds one.
+    texts = ["First Citizen: Before we proceed any further, hear me speak.",
+             "The game 's development began in 2010 , carrying over a large portion of the work done on Valkyria "
+             "Chronicles II . <extra_id_0> and <extra_id_1>"]
+    encoded = tokenizer(texts, padding=True, return_tensors="np")
+    assert [list(row[row > 0]) for row in encoded.input_ids] == [[*vocabulary.encode(t), 1] for t in texts]
+
+    with torch.no_grad():
+        generated = hf_model.generate(input_ids=torch.tensor(encoded.input_ids),
+                                      attention_mask=torch.tensor(encoded.attention_mask), max_new_tokens=12,
+                                      do_sample=False, num_beams=1).numpy()[:, 1:]  # after the start token 0
+    params = checkpoints.read_params(f"{model_dir}/checkpoints/4")
+    tokens, _ = Model(config).predict_batch(params, {"encoder_input_tokens": encoded.input_ids.astype(np.int32)},
+                                            DecodeConfig(method="greedy", max_decode_length=12))
+    for hf_row, row in zip(generated, np.asarray(tokens), strict=True):
+        np.testing.assert_array_equal(hf_row, row[:len(hf_row)])
+    # Decoding: the same text; around sentinels seqio puts spaces that T5Tokenizer leaves out.
+    assert tokenizer.decode(vocabulary.encode(texts[0])) == vocabulary.decode(vocabulary.encode(texts[0]))
+    for row in generated:  # 4 steps of span corruption: mostly sentinels
+        ids = [int(t) for t in row if t > 1]  # no padding or EOS
+        assert tokenizer.decode(ids).replace(" ", "") == vocabulary.decode(ids).replace(" ", "")
+
+
+def test_export_refuses_a_checkpoint_it_cannot_describe_as_a_hf_t5(tmp_path, capsys):
+    def save(model_dir, params, gin_text=None):
+        ckpt = checkpoints.Checkpointer(f"{model_dir}/checkpoints", save_every=1, keep=None, async_save=False)
+        ckpt.save(3, {"step": np.int32(3), "params": params}, force=True)
+        ckpt.close()
+        if gin_text is not None:
+            with open(f"{model_dir}/config.gin", "w") as f:
+                f.write(gin_text)
+        return f"{model_dir}/checkpoints/3"
+
+    embedding = {"token_embedder": {"embedding": np.zeros((96, 32), np.float32)}}
+    tiny = "import t5lite.model.config\nTransformerConfig.vocab_size = 96\nTransformerConfig.emb_dim = 32\n"
+    cases = [
+        (save(tmp_path / "no_gin", embedding), "config.gin does not exist"),
+        (save(tmp_path / "lora", {"base": embedding, "lora": {"x": {"a": np.zeros((2, 2), np.float32)}}}, tiny),
+         "LoRA fine-tuning checkpoint: merge its adapters first"),
+        (save(tmp_path / "other", embedding, tiny.replace("= 96", "= 128")),
+         r"token embedding is \(96, 32\), but .* describes a model of \(128, 32\)"),
+        (save(tmp_path / "decoder_only", embedding, tiny + "TransformerConfig.architecture = 'decoder_only'\n"),
+         "Only encoder-decoder"),
+    ]
+    for checkpoint, message in cases:
+        assert hf_t5.main([f"--checkpoint={checkpoint}", f"--output={tmp_path / 'out'}"]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert not os.path.exists(tmp_path / "out")
