@@ -11,6 +11,8 @@ Variants (name -> what differs from base, the current defaults):
   base       as t5lite runs by default
   unrolled   TransformerConfig.scan_layers=False
   onednn     compiler option xla_cpu_use_onednn (oneDNN matmuls instead of XLA's own)
+  onednn_only   oneDNN matmuls without the YNNPACK dot fusions t5lite compiles its CPU step with
+  no_ynn     XLA:CPU's default (no YNNPACK dot fusions)
   no_guard   without the non-finite guard (a what-it-costs reference, not a candidate)
   mlp_autodiff  gelu(x wi_0) * (x wi_1) differentiated by autodiff (t5lite before layers.gated_gelu)
 """
@@ -38,6 +40,8 @@ VARIANTS = {
     "base": ({}, {}),
     "unrolled": ({"scan_layers": False}, {}),
     "onednn": ({}, {"xla_cpu_use_onednn": True}),
+    "onednn_only": ({}, {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True}),
+    "no_ynn": ({}, {"xla_cpu_experimental_ynn_fusion_type": ""}),
     "no_guard": ({}, {}),
     "mlp_autodiff": ({}, {}),
 }
