@@ -8,7 +8,11 @@ A training checkpoint, as a directory transformers' from_pretrained reads (model
     python -m t5lite.hf_t5 --checkpoint=runs/base/checkpoints/600 --output=hf/base
 
 The model's shapes come from the run's MODEL_DIR/config.gin, its tokenizer from the vocabulary it
-was trained with (MODEL_DIR/vocabulary.json; t5lite's default without one).
+was trained with (MODEL_DIR/vocabulary.json; t5lite's default without one). And the other way, a
+Hugging Face T5 v1.1 directory as a t5lite MODEL_DIR to fine-tune from (checkpoints/0, config.gin
+with the model's TransformerConfig, and with a spiece.model its vocabulary.json):
+
+    python -m t5lite.hf_t5 --from_hf=path/to/t5-v1_1-small --output=runs/t5_small
 
 Only T5 v1.1-style models map onto t5lite: gated-GELU MLP, RMS layer norm, relative position
 bias in the first layer of each stack. Parameters are float32 numpy arrays; torch Linear
@@ -49,7 +53,18 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
         relpos_num_buckets=hf.get("relative_attention_num_buckets", 32),
         relpos_max_distance=hf.get("relative_attention_max_distance", 128),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout_rate=0.0, **overrides)
+        tie_embeddings=_scales_decoder_output(hf), dropout_rate=0.0, **overrides)
+
+
+def _scales_decoder_output(hf: dict[str, Any]) -> bool:
+    """Whether the model scales the decoder's output by d_model**-0.5 before the output layer, as T5
+    1.0 does with its tied output layer (t5lite's tie_embeddings) and T5 v1.1 does not.
+
+    Before transformers 5 config.json said so with tie_word_embeddings; transformers 5 writes
+    tie_word_embeddings=true for every T5 and says it with scale_decoder_outputs."""
+    if "scale_decoder_outputs" in hf:
+        return bool(hf["scale_decoder_outputs"])
+    return hf.get("tie_word_embeddings", True) is not False
 
 
 def hf_config_from(config: TransformerConfig) -> dict[str, Any]:
@@ -138,7 +153,8 @@ def params_from_hf(hf: dict[str, np.ndarray], config: TransformerConfig) -> Para
                     "relpos_bias": {"rel_embedding": hf[f"decoder.{bias}"].T}},
     }
     if not config.tie_embeddings:
-        params["decoder"]["logits_dense"] = hf["lm_head.weight"].T
+        # transformers 5 may store a v1.1 output layer that equals shared.weight only once.
+        params["decoder"]["logits_dense"] = hf.get("lm_head.weight", hf["shared.weight"]).T
     return params
 
 
@@ -269,17 +285,75 @@ def export_checkpoint(checkpoint: str, output: str) -> str:
     return output
 
 
+# What a MODEL_DIR imported from Hugging Face records of its model (config.gin).
+_IMPORTED_FIELDS = ("architecture", "vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",
+                    "num_decoder_layers", "relpos_num_buckets", "relpos_max_distance", "tie_embeddings", "scan_layers")
+
+
+def import_hf_t5(directory: str, output: str) -> str:
+    """Writes the HF T5 model in `directory` as the t5lite MODEL_DIR `output` (a new directory):
+    checkpoints/0 (params, step 0), config.gin (its TransformerConfig) and, if `directory` has a
+    spiece.model, a copy of it and vocabulary.json naming it (with tokenizer_config.json's
+    extra_ids, default 100, as sentinels), so fine-tuning and evaluation check their data's
+    vocabulary against it."""
+    if os.path.exists(output):
+        raise UserError(f"{output} already exists; choose a new --output directory.")
+    config, params = load_hf_t5(directory)
+    vocabulary = _hf_sentencepiece_vocabulary(directory, config)
+    os.makedirs(output)
+    ckpt = checkpoints.Checkpointer(os.path.join(output, "checkpoints"), save_every=1, keep=None, async_save=False)
+    ckpt.save(0, {"step": np.int32(0), "params": params}, force=True)
+    ckpt.wait()
+    ckpt.close()
+    with open(os.path.join(output, "config.gin"), "w") as f:
+        f.write(f"# The model of the Hugging Face T5 in {os.path.abspath(directory)} (t5lite.hf_t5 --from_hf).\n"
+                "import t5lite.model.config\n\n")
+        f.writelines(f"TransformerConfig.{name} = {getattr(config, name)!r}\n" for name in _IMPORTED_FIELDS)
+    if vocabulary is None:
+        print(f"{directory} has no spiece.model: {output} records no vocabulary, so nothing checks that fine-tuning "
+              "data is tokenized as the model was.", file=sys.stderr)
+    else:
+        model_file = os.path.join(os.path.abspath(output), "spiece.model")
+        shutil.copyfile(vocabulary.sentencepiece_model_file, model_file)
+        vocabulary = seqio.SentencePieceVocabulary(model_file, extra_ids=vocabulary.extra_ids)
+        vocab_record.write(output, {name: seqio.Feature(vocabulary) for name in ("inputs", "targets")})
+    return output
+
+
+def _hf_sentencepiece_vocabulary(directory: str, config: TransformerConfig) -> seqio.SentencePieceVocabulary | None:
+    path = os.path.join(directory, "spiece.model")
+    if not os.path.exists(path):
+        return None
+    extra_ids = 100  # T5Tokenizer's default
+    tokenizer_config = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(tokenizer_config):
+        with open(tokenizer_config) as f:
+            extra_ids = json.load(f).get("extra_ids", extra_ids)
+    vocabulary = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+    if vocabulary.vocab_size > config.vocab_size:
+        raise UserError(f"{path} with {extra_ids} sentinels has {vocabulary.vocab_size} ids, more than the model's "
+                        f"{config.vocab_size} embedding rows.")
+    return vocabulary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="MODEL_DIR/checkpoints/<step>")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="export MODEL_DIR/checkpoints/<step> to a Hugging Face directory")
+    source.add_argument("--from_hf", help="import this Hugging Face T5 directory as a t5lite MODEL_DIR")
     parser.add_argument("--output", required=True, help="a new directory")
     args = parser.parse_args(argv)
     try:
-        path = export_checkpoint(args.checkpoint, args.output)
+        if args.checkpoint:
+            path = export_checkpoint(args.checkpoint, args.output)
+            print(f"Wrote {args.checkpoint} as a Hugging Face T5 model and tokenizer to {path}")
+        else:
+            path = import_hf_t5(args.from_hf, args.output)
+            print(f"Wrote {args.from_hf} as the t5lite MODEL_DIR {path}: fine-tune with --gin_file={path}/config.gin "
+                  f"--gin.INITIAL_CHECKPOINT=\\\"{path}/checkpoints/0\\\"")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Wrote {args.checkpoint} as a Hugging Face T5 model and tokenizer to {path}")
     return 0
 
 

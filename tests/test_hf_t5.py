@@ -188,3 +188,54 @@ def test_export_refuses_a_checkpoint_it_cannot_describe_as_a_hf_t5(tmp_path, cap
         assert hf_t5.main([f"--checkpoint={checkpoint}", f"--output={tmp_path / 'out'}"]) == 2
         assert re.search(message, capsys.readouterr().err)
         assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_a_hf_t5_imports_as_a_model_dir_that_fine_tunes_and_exports_back(tmp_path, monkeypatch, capsys):
+    """A HF T5 directory with t5lite's SentencePiece model as its spiece.model (none can be downloaded
+    here), imported, fine-tuned on t5lite's default data (its vocabulary matches) and exported."""
+    monkeypatch.chdir(REPO)
+    cfg = transformers.T5Config(vocab_size=8192, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf_model = transformers.T5ForConditionalGeneration(cfg).eval()
+    hf_dir = tmp_path / "hf"
+    hf_model.save_pretrained(hf_dir)
+    hf_t5.save_hf_tokenizer(get_default_vocabulary(), str(hf_dir))  # spiece.model + tokenizer_config.json
+
+    model_dir = str(tmp_path / "imported")
+    assert hf_t5.main([f"--from_hf={hf_dir}", f"--output={model_dir}"]) == 0
+    assert f'--gin.INITIAL_CHECKPOINT=\\"{model_dir}/checkpoints/0\\"' in capsys.readouterr().out
+    assert checkpoints.read_step(f"{model_dir}/checkpoints/0") == 0
+    with open(f"{model_dir}/config.gin") as f:
+        gin.parse_config(f.read())
+    config = TransformerConfig()
+    gin.clear_config()
+    assert (config.vocab_size, config.emb_dim, config.num_heads, config.scan_layers) == (8192, 32, 4, True)
+    enc, dec_in, tgt = _batch()
+    logits = _t5lite_logits(config, checkpoints.read_params(f"{model_dir}/checkpoints/0"), enc, dec_in, tgt)
+    assert _rel_err(logits, _hf_logits(hf_model, enc, dec_in)) <= 1e-4
+
+    run = str(tmp_path / "finetuned")
+    assert train_lib.main(["--gin_file=gin/base.gin", f"--gin_file={model_dir}/config.gin", "--gin.TRAIN_STEPS=2",
+                           "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=4",
+                           "--gin.train.eval_batches=1", "--gin.train.checkpoint_every=2",
+                           f"--gin.train.initial_checkpoint_path='{model_dir}/checkpoints/0'",
+                           f"--gin.MODEL_DIR='{run}'"]) == 0
+    gin.clear_config()
+    assert f"Initialised the params from {model_dir}/checkpoints/0 (step 0)" in capsys.readouterr().out
+    # Back to Hugging Face: the import as it was, and after fine-tuning.
+    for step, directory in ((0, model_dir), (2, run)):
+        assert hf_t5.main([f"--checkpoint={directory}/checkpoints/{step}", f"--output={tmp_path / f'back{step}'}"]) == 0
+    back = [transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / f"back{s}").eval() for s in (0, 2)]
+    assert _rel_err(_hf_logits(back[0], enc, dec_in), _hf_logits(hf_model, enc, dec_in)) <= 1e-6
+    assert _rel_err(_hf_logits(back[1], enc, dec_in), _hf_logits(hf_model, enc, dec_in)) > 1e-3
+
+    # A HF model with a SentencePiece model of more ids than its embedding has rows is refused.
+    cfg.vocab_size = 4096
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "small")
+    hf_t5.save_hf_tokenizer(get_default_vocabulary(), str(tmp_path / "small"))
+    assert hf_t5.main([f"--from_hf={tmp_path / 'small'}", f"--output={tmp_path / 'refused'}"]) == 2
+    assert "has 8100 ids, more than the model's 4096 embedding rows" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "refused")

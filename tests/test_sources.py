@@ -166,3 +166,17 @@ def test_instruction_task_puts_the_loss_on_the_response_only(tmp_path):
     prompt_len = int(prefix.sum()) - 1  # the prefix mask also covers the first target position
     assert weights[:prompt_len].sum() == 0 and weights[prompt_len:].sum() > 0
     assert (weights[prompt_len:] > 0).sum() == len(batch["decoder_target_tokens"][0].nonzero()[0]) - prompt_len
+
+
+def test_a_supervised_task_tokenizes_with_the_vocabulary_it_is_given(tmp_path):
+    from t5lite.data import pipeline, tasks
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"hi {i}", "response": "ok"}) + "\n" for i in range(4)))
+    task = tasks.add_instruction_task("test_bytes_task", {"train": str(path)},
+                                      vocabulary=seqio.ByteVocabulary(extra_ids=100))
+    assert all(isinstance(f.vocabulary, seqio.ByteVocabulary) for f in task.output_features.values())
+    batch = next(pipeline.get_batches("test_bytes_task", split="train", task_feature_lengths={"inputs": 8,
+                                      "targets": 4}, model_type="encoder_decoder", batch_size=1, shuffle=False,
+                                      seed=0, pack=False))
+    assert list(batch["encoder_input_tokens"][0][:5]) == [ord(c) + 3 for c in "hi 0"] + [1]  # bytes + 3, EOS

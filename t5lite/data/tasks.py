@@ -129,6 +129,7 @@ def add_supervised_task(
     extra_preprocessors: Sequence[Callable[..., tf.data.Dataset]] = (),
     keep_fields: Sequence[str] = (),
     postprocess_fn: Callable | None = None,
+    vocabulary: seqio.Vocabulary | None = None,
 ) -> seqio.Task:
     """Registers an (inputs -> targets) Task, e.g. prompt -> response or sentence -> label.
 
@@ -136,10 +137,12 @@ def add_supervised_task(
     is kept (inputs_pretokenized, targets_pretokenized) for metrics that compare strings.
     keep_fields: further source fields kept under their names (the rest are dropped), for a
       postprocess_fn that builds metric targets from them (e.g. every reference answer).
+    vocabulary: default the shipped SentencePiece one; e.g. the spiece.model of a Hugging Face T5
+      imported with t5lite.hf_t5 --from_hf, to fine-tune it.
     """
     if name in seqio.TaskRegistry.names():
         return seqio.TaskRegistry.get(name)
-    vocabulary = vocab.get_default_vocabulary()
+    vocabulary = vocabulary or vocab.get_default_vocabulary()
     return seqio.TaskRegistry.add(
         name,
         source=source,
@@ -165,6 +168,7 @@ def add_instruction_task(
     response_field: str = "response",
     hash_splits: dict[str, float] | None = None,
     metric_fns: Sequence[Callable] = (),
+    vocabulary: seqio.Vocabulary | None = None,
 ) -> seqio.Task:
     """Instruction / dialogue data: JSONL of {prompt, response}; the loss is on the response only.
 
@@ -175,7 +179,7 @@ def add_instruction_task(
     source = sources_lib.file_source(files, file_format="jsonl", fields=(prompt_field, response_field),
                                      hash_splits=hash_splits)
     return add_supervised_task(name, source, inputs_field=prompt_field, targets_field=response_field,
-                               metric_fns=metric_fns)
+                               metric_fns=metric_fns, vocabulary=vocabulary)
 
 
 def _register_task(corpus: str, objective: str) -> None:
