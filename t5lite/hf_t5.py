@@ -176,30 +176,49 @@ def params_to_hf(params: Params, config: TransformerConfig) -> dict[str, np.ndar
 
 
 def load_hf_t5(directory: str, **config_overrides: Any) -> tuple[TransformerConfig, Params]:
-    """(config, params) from a local HF T5 directory: config.json + model.safetensors or pytorch_model.bin."""
+    """(config, params) from a local HF T5 directory: config.json + model.safetensors or
+    pytorch_model.bin, or their shards (model-00001-of-00004.safetensors ... with
+    model.safetensors.index.json, as transformers saves large models)."""
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise UserError(f"{directory} has no config.json: is it a Hugging Face T5 model directory?")
     with open(config_path) as f:
         config = config_from_hf(json.load(f), **config_overrides)
-    safetensors_path = os.path.join(directory, "model.safetensors")
-    torch_path = os.path.join(directory, "pytorch_model.bin")
-    if os.path.exists(safetensors_path):
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
-        state = load_file(safetensors_path)
-    elif os.path.exists(torch_path):
-        try:
-            import torch  # noqa: PLC0415
-        except ImportError as e:
-            raise UserError(f"{torch_path} needs PyTorch to read; install torch or convert it to safetensors.") from e
-        state = {k: v.float().numpy() for k, v in torch.load(torch_path, map_location="cpu").items()}
-    else:
-        raise UserError(f"{directory} has neither model.safetensors nor pytorch_model.bin.")
+    state = {}
+    for path in _weight_files(directory):
+        state.update(_read_weights(path))
     try:
         return config, params_from_hf(state, config)
     except KeyError as e:
         raise UserError(f"{directory} lacks the tensor {e} that a T5 v1.1 model with this config has.") from e
+
+
+def _weight_files(directory: str) -> list[str]:
+    """The weight files of a HF model directory: one file, or the shards its index names."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(directory, name)):
+            return [os.path.join(directory, name)]
+        index = os.path.join(directory, f"{name}.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            missing = [s for s in shards if not os.path.exists(os.path.join(directory, s))]
+            if missing:
+                raise UserError(f"{index} names shards that {directory} lacks: {missing[:3]}.")
+            return [os.path.join(directory, s) for s in shards]
+    raise UserError(f"{directory} has neither model.safetensors nor pytorch_model.bin (nor an index of their shards).")
+
+
+def _read_weights(path: str) -> dict[str, np.ndarray]:
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file  # noqa: PLC0415
+
+        return load_file(path)  # bfloat16 tensors come as ml_dtypes.bfloat16; params_from_hf casts to float32
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError as e:
+        raise UserError(f"{path} needs PyTorch to read; install torch or convert it to safetensors.") from e
+    return {k: v.float().numpy() for k, v in torch.load(path, map_location="cpu").items()}
 
 
 def save_hf_t5(params: Params, config: TransformerConfig, directory: str) -> None:

@@ -97,6 +97,20 @@ def test_t5lite_to_hf_logits_match(tmp_path, tie):
         np.testing.assert_array_equal(a, b)
 
 
+def test_sharded_bfloat16_weights_load_and_a_missing_shard_is_named(tmp_path):
+    model = _hf_model(tie=False)
+    model.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="40KB")  # as large models are saved
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    config, params = hf_t5.load_hf_t5(str(tmp_path))
+    enc, dec_in, tgt = _batch()
+    reference = _hf_logits(model.float(), enc, dec_in)  # the bfloat16 weights, computed in float32
+    assert _rel_err(_t5lite_logits(config, params, enc, dec_in, tgt), reference) <= 1e-4
+    shards[-1].unlink()
+    with pytest.raises(UserError, match="names shards that .* lacks"):
+        hf_t5.load_hf_t5(str(tmp_path))
+
+
 def test_non_v1_1_configs_and_bad_directories_are_refused(tmp_path):
     with pytest.raises(UserError, match="gated-gelu"):
         hf_t5.config_from_hf({"feed_forward_proj": "relu", "vocab_size": 8, "d_model": 8, "num_heads": 1,
