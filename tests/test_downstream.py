@@ -51,6 +51,19 @@ def test_tokenized_batches_for_fine_tuning():
     assert batch["encoder_input_tokens"].shape == (4, 64) and batch["decoder_target_tokens"].shape == (4, 4)
 
 
+def test_downstream_tasks_register_again_in_another_vocabulary():
+    downstream.register_downstream_tasks(seqio.ByteVocabulary(extra_ids=100), suffix="_bytes")
+    for name in ("sst2", "multi30k_en_de", "squad_v1_1"):
+        features = seqio.TaskRegistry.get(f"{name}_bytes").output_features
+        assert all(isinstance(f.vocabulary, seqio.ByteVocabulary) for f in features.values())
+        assert seqio.TaskRegistry.get(name).output_features["inputs"].vocabulary == get_default_vocabulary()
+    batch = next(pipeline.get_batches("sst2_bytes", split="validation", task_feature_lengths={"inputs": 64,
+                                      "targets": 12}, model_type="encoder_decoder", batch_size=2, shuffle=False,
+                                      seed=0, pack=False))
+    text = _raw("sst2", "validation")[0]["inputs"]
+    assert list(batch["encoder_input_tokens"][0][:20]) == [b + 3 for b in text.encode()[:20]]  # bytes + 3
+
+
 def test_missing_data_dir_says_how_to_set_it(monkeypatch):
     monkeypatch.delenv(downstream.DATA_DIR_ENV)
     with pytest.raises(UserError, match="T5LITE_DATA_DIR"):

@@ -124,16 +124,20 @@ def squad_references(target: str, example: Mapping[str, Any] | None = None, is_t
     return json.loads(answers.decode("utf-8") if isinstance(answers, bytes) else answers)
 
 
-def register_downstream_tasks() -> None:
+def register_downstream_tasks(vocabulary: seqio.Vocabulary | None = None, suffix: str = "") -> None:
+    """Registers sst2, multi30k_en_de and squad_v1_1, each name + `suffix`, tokenized with
+    `vocabulary` (default t5lite's). E.g. for a T5 imported with `t5lite.hf_t5 --from_hf`:
+    register_downstream_tasks(seqio.SentencePieceVocabulary("runs/t5_small/spiece.model", extra_ids=100),
+    suffix="_t5") gives sst2_t5, ... in that model's vocabulary."""
     for name, records_fn, splits, metric_fns in (
         ("sst2", _sst2_records, ("train", "validation"), [metrics.accuracy]),
         ("multi30k_en_de", _multi30k_records, ("train", "validation", "test"), [metrics.bleu]),
     ):
-        tasks.add_supervised_task(name, records_source(records_fn, splits), inputs_field="inputs",
-                                  targets_field="targets", metric_fns=metric_fns)
-    tasks.add_supervised_task("squad_v1_1", records_source(_squad_records, tuple(SQUAD_SPLITS)),
+        tasks.add_supervised_task(name + suffix, records_source(records_fn, splits), inputs_field="inputs",
+                                  targets_field="targets", metric_fns=metric_fns, vocabulary=vocabulary)
+    tasks.add_supervised_task("squad_v1_1" + suffix, records_source(_squad_records, tuple(SQUAD_SPLITS)),
                               inputs_field="inputs", targets_field="targets", keep_fields=("answers", "id"),
-                              metric_fns=[metrics.squad], postprocess_fn=squad_references)
+                              metric_fns=[metrics.squad], postprocess_fn=squad_references, vocabulary=vocabulary)
 
 
 register_downstream_tasks()
