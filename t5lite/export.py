@@ -40,8 +40,7 @@ def export_params(checkpoint: str, output: str, *, dtype: str = "float32") -> st
     model_dir = vocab_record.model_dir_of_checkpoint(fileio.absolute(checkpoint))
     config = fileio.join(model_dir, "config.gin")
     if fileio.exists(config):
-        with fileio.open_file(config) as source, fileio.open_file(fileio.join(output, "config.gin"), "w") as copy:
-            copy.write(source.read())
+        fileio.copy(config, fileio.join(output, "config.gin"))
     vocab_record.copy(model_dir, output)
     return output
 

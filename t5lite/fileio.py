@@ -38,6 +38,12 @@ def open_file(path: str, mode: str = "r") -> IO:
     return open(path, mode, encoding=None if "b" in mode else "utf-8")
 
 
+def copy(source: str, destination: str) -> None:
+    """Copies a file's bytes (either side local or a bucket), overwriting `destination`."""
+    with open_file(source, "rb") as src, open_file(destination, "wb") as dst:
+        dst.write(src.read())
+
+
 def makedirs(path: str) -> None:
     if is_remote(path):
         tf.io.gfile.makedirs(path)

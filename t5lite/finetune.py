@@ -318,8 +318,7 @@ def export_merged(model_dir: str, output: str, *, step: int | None = None) -> st
     target.close()
     vocab_record.copy(model_dir, output)
     # The run's gin, for what reads the export's model from it (t5lite.hf_t5).
-    with fileio.open_file(config_path) as source, fileio.open_file(fileio.join(output, "config.gin"), "w") as copy:
-        copy.write(source.read())
+    fileio.copy(config_path, fileio.join(output, "config.gin"))
     return fileio.join(output, "checkpoints", str(step))
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -243,9 +242,7 @@ def save_hf_tokenizer(vocabulary: seqio.Vocabulary, directory: str) -> None:
     The ids of text agree with seqio's, except after a newline with a SentencePiece model that has
     "\\n" as a piece (t5lite's default): T5Tokenizer starts a new word there ("▁new"), seqio does not."""
     if isinstance(vocabulary, seqio.SentencePieceVocabulary):
-        with fileio.open_file(vocabulary.sentencepiece_model_file, "rb") as source, \
-                open(os.path.join(directory, "spiece.model"), "wb") as copy:
-            shutil.copyfileobj(source, copy)
+        fileio.copy(vocabulary.sentencepiece_model_file, os.path.join(directory, "spiece.model"))
         pieces = vocabulary.tokenizer  # the SentencePiece processor
         # T5Tokenizer assumes <pad> </s> <unk>; name this model's own pieces (t5lite's default has <unk_sp>).
         config = {"tokenizer_class": "T5Tokenizer", "pad_token": pieces.id_to_piece(vocabulary.pad_id),
@@ -315,16 +312,17 @@ def import_hf_t5(directory: str, output: str) -> str:
     spiece.model, a copy of it and vocabulary.json naming it (with tokenizer_config.json's
     extra_ids, default 100, as sentinels), so fine-tuning and evaluation check their data's
     vocabulary against it."""
-    if os.path.exists(output):
+    if fileio.exists(output):
         raise UserError(f"{output} already exists; choose a new --output directory.")
     config, params = load_hf_t5(directory)
     vocabulary = _hf_sentencepiece_vocabulary(directory, config)
-    os.makedirs(output)
-    ckpt = checkpoints.Checkpointer(os.path.join(output, "checkpoints"), save_every=1, keep=None, async_save=False)
+    output = fileio.absolute(output)  # a MODEL_DIR: a local directory or a bucket, written through fileio
+    fileio.makedirs(output)
+    ckpt = checkpoints.Checkpointer(fileio.join(output, "checkpoints"), save_every=1, keep=None, async_save=False)
     ckpt.save(0, {"step": np.int32(0), "params": params}, force=True)
     ckpt.wait()
     ckpt.close()
-    with open(os.path.join(output, "config.gin"), "w") as f:
+    with fileio.open_file(fileio.join(output, "config.gin"), "w") as f:
         f.write(f"# The model of the Hugging Face T5 in {os.path.abspath(directory)} (t5lite.hf_t5 --from_hf).\n"
                 "import t5lite.model.config\n\n")
         f.writelines(f"TransformerConfig.{name} = {getattr(config, name)!r}\n" for name in _IMPORTED_FIELDS)
@@ -332,8 +330,8 @@ def import_hf_t5(directory: str, output: str) -> str:
         print(f"{directory} has no spiece.model: {output} records no vocabulary, so nothing checks that fine-tuning "
               "data is tokenized as the model was.", file=sys.stderr)
     else:
-        model_file = os.path.join(os.path.abspath(output), "spiece.model")
-        shutil.copyfile(vocabulary.sentencepiece_model_file, model_file)
+        model_file = fileio.join(output, "spiece.model")
+        fileio.copy(vocabulary.sentencepiece_model_file, model_file)
         vocabulary = seqio.SentencePieceVocabulary(model_file, extra_ids=vocabulary.extra_ids)
         vocab_record.write(output, {name: seqio.Feature(vocabulary) for name in ("inputs", "targets")})
     return output
