@@ -65,6 +65,16 @@ def _t5lite_logits(config, params, enc, dec_in, tgt):
                                                     "decoder_target_tokens": tgt}))
 
 
+def _run_model_config(model_dir):
+    """The TransformerConfig of MODEL_DIR/config.gin; gin left clear."""
+    gin.clear_config()
+    with open(f"{model_dir}/config.gin") as f:
+        gin.parse_config(f.read())
+    config = TransformerConfig()
+    gin.clear_config()
+    return config
+
+
 def _rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
@@ -140,11 +150,7 @@ def test_a_trained_checkpoint_exports_as_a_hf_model_and_tokenizer_that_generate_
                            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.BATCH_SIZE=8",
                            "--gin.train.eval_batches=1", "--gin.train.checkpoint_every=4",
                            f"--gin.MODEL_DIR='{model_dir}'"]) == 0
-    gin.clear_config()
-    with open(f"{model_dir}/config.gin") as f:
-        gin.parse_config(f.read())
-    config = TransformerConfig()  # the run's model
-    gin.clear_config()
+    config = _run_model_config(model_dir)
     output = str(tmp_path / "hf")
     assert hf_t5.main([f"--checkpoint={model_dir}/checkpoints/4", f"--output={output}"]) == 0
     assert hf_t5.main([f"--checkpoint={model_dir}/checkpoints/4", f"--output={output}"]) == 2
@@ -222,10 +228,7 @@ def test_a_hf_t5_imports_as_a_model_dir_that_fine_tunes_and_exports_back(tmp_pat
     assert hf_t5.main([f"--from_hf={hf_dir}", f"--output={model_dir}"]) == 0
     assert f'--gin.INITIAL_CHECKPOINT=\\"{model_dir}/checkpoints/0\\"' in capsys.readouterr().out
     assert checkpoints.read_step(f"{model_dir}/checkpoints/0") == 0
-    with open(f"{model_dir}/config.gin") as f:
-        gin.parse_config(f.read())
-    config = TransformerConfig()
-    gin.clear_config()
+    config = _run_model_config(model_dir)
     assert (config.vocab_size, config.emb_dim, config.num_heads, config.scan_layers) == (8192, 32, 4, True)
     enc, dec_in, tgt = _batch()
     logits = _t5lite_logits(config, checkpoints.read_params(f"{model_dir}/checkpoints/0"), enc, dec_in, tgt)
