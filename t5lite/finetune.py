@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from t5lite import fileio, partitioning, peft
+from t5lite import fileio, gin_cli, partitioning, peft
 from t5lite.data import vocab_record
 from t5lite.errors import UserError
 
@@ -297,7 +297,7 @@ def export_merged(model_dir: str, output: str, *, step: int | None = None) -> st
         raise UserError(f"{output} already exists; choose a new --output directory.")
     gin.clear_config()
     with fileio.open_file(config_path) as f:
-        gin.parse_config(f.read())
+        gin_cli.parse_config_text(f.read(), config_path)
     model, adaptation = Model(TransformerConfig()), make_adaptation()
     mesh = partitioning.make_mesh()
     rules = partitioning.axis_rules("dp")

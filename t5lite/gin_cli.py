@@ -98,6 +98,15 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
             raise GinConfigError(_explain(e)) from e
 
 
+def parse_config_text(text: str, source: str) -> None:
+    """Parses gin text read from `source` (e.g. a run's MODEL_DIR/config.gin, which may import the
+    user's task modules); raises GinConfigError naming `source` on user errors."""
+    try:
+        gin.parse_config(text)
+    except (ValueError, KeyError, OSError, SyntaxError, ImportError) as e:
+        raise GinConfigError(f"{source}: {_explain(e)}") from e
+
+
 def _is_ast_thread_race(error: Exception) -> bool:
     """A CPython 3.11 bug (seen on 3.11.7; cf. gh-106905): ast.literal_eval, which gin's parser calls, can
     fail spuriously while another thread (e.g. TF autograph in a tf.data thread) also builds an AST."""

@@ -32,7 +32,7 @@ import gin
 import numpy as np
 import seqio
 
-from t5lite import checkpoints, fileio
+from t5lite import checkpoints, fileio, gin_cli
 from t5lite.data import vocab_record
 from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
@@ -277,7 +277,7 @@ def export_checkpoint(checkpoint: str, output: str) -> str:
                         "an export by t5lite.finetune, which copies the run's config.gin).")
     gin.clear_config()
     with fileio.open_file(config_path) as f:
-        gin.parse_config(f.read())
+        gin_cli.parse_config_text(f.read(), config_path)
     config = TransformerConfig()
     gin.clear_config()
     params = checkpoints.read_params(checkpoint)

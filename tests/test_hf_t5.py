@@ -203,6 +203,8 @@ def test_export_refuses_a_checkpoint_it_cannot_describe_as_a_hf_t5(tmp_path, cap
          r"token embedding is \(96, 32\), but .* describes a model of \(128, 32\)"),
         (save(tmp_path / "decoder_only", embedding, tiny + "TransformerConfig.architecture = 'decoder_only'\n"),
          "Only encoder-decoder"),
+        (save(tmp_path / "user_tasks", embedding, "import my_unimportable_tasks\n" + tiny),
+         r"user_tasks/config.gin: gin configuration error: .*my_unimportable_tasks"),
     ]
     for checkpoint, message in cases:
         assert hf_t5.main([f"--checkpoint={checkpoint}", f"--output={tmp_path / 'out'}"]) == 2
