@@ -35,7 +35,7 @@ import seqio
 from t5lite import checkpoints, fileio, gin_cli
 from t5lite.data import vocab_record
 from t5lite.data.vocab import get_default_vocabulary
-from t5lite.errors import UserError
+from t5lite.errors import UserError, reports_user_errors
 from t5lite.model.config import TransformerConfig
 
 Params = dict[str, Any]
@@ -181,8 +181,7 @@ def load_hf_t5(directory: str, **config_overrides: Any) -> tuple[TransformerConf
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise UserError(f"{directory} has no config.json: is it a Hugging Face T5 model directory?")
-    with open(config_path) as f:
-        config = config_from_hf(json.load(f), **config_overrides)
+    config = config_from_hf(_read_json(config_path), **config_overrides)
     state = {}
     for path in _weight_files(directory):
         state.update(_read_weights(path))
@@ -199,13 +198,27 @@ def _weight_files(directory: str) -> list[str]:
             return [os.path.join(directory, name)]
         index = os.path.join(directory, f"{name}.index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index} has no \"weight_map\" of tensor names to shard files.")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not os.path.exists(os.path.join(directory, s))]
             if missing:
                 raise UserError(f"{index} names shards that {directory} lacks: {missing[:3]}.")
             return [os.path.join(directory, s) for s in shards]
     raise UserError(f"{directory} has neither model.safetensors nor pytorch_model.bin (nor an index of their shards).")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    """A JSON object from a HF model directory; a file that is not one is a UserError naming it."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object.")
+    return value
 
 
 def _read_weights(path: str) -> dict[str, np.ndarray]:
@@ -344,8 +357,7 @@ def _hf_sentencepiece_vocabulary(directory: str, config: TransformerConfig) -> s
     extra_ids = 100  # T5Tokenizer's default
     tokenizer_config = os.path.join(directory, "tokenizer_config.json")
     if os.path.exists(tokenizer_config):
-        with open(tokenizer_config) as f:
-            extra_ids = json.load(f).get("extra_ids", extra_ids)
+        extra_ids = _read_json(tokenizer_config).get("extra_ids", extra_ids)
     vocabulary = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
     if vocabulary.vocab_size > config.vocab_size:
         raise UserError(f"{path} with {extra_ids} sentinels has {vocabulary.vocab_size} ids, more than the model's "
@@ -353,6 +365,7 @@ def _hf_sentencepiece_vocabulary(directory: str, config: TransformerConfig) -> s
     return vocabulary
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -360,17 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--from_hf", help="import this Hugging Face T5 directory as a t5lite MODEL_DIR")
     parser.add_argument("--output", required=True, help="a new directory")
     args = parser.parse_args(argv)
-    try:
-        if args.checkpoint:
-            path = export_checkpoint(args.checkpoint, args.output)
-            print(f"Wrote {args.checkpoint} as a Hugging Face T5 model and tokenizer to {path}")
-        else:
-            path = import_hf_t5(args.from_hf, args.output)
-            print(f"Wrote {args.from_hf} as the t5lite MODEL_DIR {path}: fine-tune with --gin_file={path}/config.gin "
-                  f"--gin.INITIAL_CHECKPOINT=\\\"{path}/checkpoints/0\\\"")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.checkpoint:
+        path = export_checkpoint(args.checkpoint, args.output)
+        print(f"Wrote {args.checkpoint} as a Hugging Face T5 model and tokenizer to {path}")
+    else:
+        path = import_hf_t5(args.from_hf, args.output)
+        print(f"Wrote {args.from_hf} as the t5lite MODEL_DIR {path}: fine-tune with --gin_file={path}/config.gin "
+              f"--gin.INITIAL_CHECKPOINT=\\\"{path}/checkpoints/0\\\"")
     return 0
 
 

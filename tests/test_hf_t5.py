@@ -119,6 +119,9 @@ def test_sharded_bfloat16_weights_load_and_a_missing_shard_is_named(tmp_path):
     shards[-1].unlink()
     with pytest.raises(UserError, match="names shards that .* lacks"):
         hf_t5.load_hf_t5(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(UserError, match="index.json has no \"weight_map\""):
+        hf_t5.load_hf_t5(str(tmp_path))
 
 
 def test_non_v1_1_configs_and_bad_directories_are_refused(tmp_path):
@@ -126,6 +129,12 @@ def test_non_v1_1_configs_and_bad_directories_are_refused(tmp_path):
         hf_t5.config_from_hf({"feed_forward_proj": "relu", "vocab_size": 8, "d_model": 8, "num_heads": 1,
                               "d_kv": 8, "d_ff": 8, "num_layers": 1})
     with pytest.raises(UserError, match="config.json"):
+        hf_t5.load_hf_t5(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"d_model": 8,')  # cut short, as an interrupted copy leaves it
+    with pytest.raises(UserError, match="config.json is not valid JSON"):
+        hf_t5.load_hf_t5(str(tmp_path))
+    (tmp_path / "config.json").write_text('["d_model"]')
+    with pytest.raises(UserError, match="config.json holds a JSON list, not an object"):
         hf_t5.load_hf_t5(str(tmp_path))
     with pytest.raises(UserError, match="decoder-only|encoder-decoder"):
         hf_t5.hf_config_from(dataclasses.replace(TransformerConfig(), architecture="decoder_only"))
