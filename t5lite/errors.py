@@ -4,6 +4,25 @@ Entry points print a UserError's message without a traceback; any other exceptio
 and keeps its traceback.
 """
 
+import functools
+import sys
+from collections.abc import Callable
+
 
 class UserError(ValueError):
     """A problem in the user's configuration or inputs; the message says what to do."""
+
+
+def reports_user_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorates an entry point's main(argv) -> exit code: a UserError (gin errors included) is
+    printed as "error: <message>" on stderr and exits with 2; any other exception keeps its traceback."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped

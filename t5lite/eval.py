@@ -37,7 +37,7 @@ import seqio
 
 from t5lite import distributed, evaluation, fileio, gin_cli, partitioning, trainer
 from t5lite.data import pipeline
-from t5lite.errors import UserError
+from t5lite.errors import reports_user_errors
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
 from t5lite.model.models import Model, without_prefix_attention
@@ -172,15 +172,12 @@ def _oldest_unevaluated_step(evaluator: CheckpointEvaluator, checkpoints_dir: st
     return new[0] if new else -1
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        # --watch is the one flag besides gin's; it overrides evaluate.watch.
-        overrides = {"watch": True} if "--watch" in argv else {}
-        gin_cli.configure([a for a in argv if a != "--watch"], description=__doc__)
-        evaluate(**overrides)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # --watch is the one flag besides gin's; it overrides evaluate.watch.
+    overrides = {"watch": True} if "--watch" in argv else {}
+    gin_cli.configure([a for a in argv if a != "--watch"], description=__doc__)
+    evaluate(**overrides)
     return 0
 

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from t5lite import checkpoints, fileio
 from t5lite.data import vocab_record
-from t5lite.errors import UserError
+from t5lite.errors import UserError, reports_user_errors
 
 EXPORT_DTYPES = ("float32", "bfloat16")
 
@@ -45,17 +45,14 @@ def export_params(checkpoint: str, output: str, *, dtype: str = "float32") -> st
     return output
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="MODEL_DIR/checkpoints/<step>")
     parser.add_argument("--output", required=True, help="a new directory")
     parser.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES)
     args = parser.parse_args(argv)
-    try:
-        path = export_params(args.checkpoint, args.output, dtype=args.dtype)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = export_params(args.checkpoint, args.output, dtype=args.dtype)
     print(f"Exported the params of {args.checkpoint} as {args.dtype} to {path}")
     return 0
 

@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5lite import fileio, gin_cli, partitioning, peft
 from t5lite.data import vocab_record
-from t5lite.errors import UserError
+from t5lite.errors import UserError, reports_user_errors
 
 Params = Any
 LORA_RANK_AXIS = "lora_rank"  # no rule maps it: the rank dimension is replicated
@@ -322,6 +322,7 @@ def export_merged(model_dir: str, output: str, *, step: int | None = None) -> st
     return fileio.join(output, "checkpoints", str(step))
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Merge a fine-tuning run's LoRA adapters into its base and write "
                                      "a normal params checkpoint.")
@@ -329,10 +330,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="a new directory; gets checkpoints/<step>")
     parser.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     args = parser.parse_args(argv)
-    try:
-        path = export_merged(args.model_dir, args.output, step=args.step)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = export_merged(args.model_dir, args.output, step=args.step)
     print(f"Wrote the merged params to {path}")
     return 0

@@ -45,7 +45,7 @@ import tensorflow as tf
 from t5lite import distributed, evaluation, gin_cli, inference, partitioning, trainer
 from t5lite.data import pipeline, vocab_record
 from t5lite.data.vocab import get_default_vocabulary
-from t5lite.errors import UserError
+from t5lite.errors import UserError, reports_user_errors
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
 from t5lite.model.models import Model
@@ -244,14 +244,11 @@ def infer(
     return output_path
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        gin_cli.configure(argv, description=__doc__)
-        output_path = infer()
-        if jax.process_index() == 0:
-            print(f"wrote {output_path}", flush=True)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    gin_cli.configure(argv, description=__doc__)
+    output_path = infer()
+    if jax.process_index() == 0:
+        print(f"wrote {output_path}", flush=True)
     return 0

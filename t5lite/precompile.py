@@ -43,7 +43,7 @@ import numpy as np
 
 from t5lite import gin_cli, inference, partitioning, trainer
 from t5lite.data import pipeline
-from t5lite.errors import UserError
+from t5lite.errors import UserError, reports_user_errors
 from t5lite.model import flops
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
@@ -254,37 +254,34 @@ def format_report(report: dict[str, float], topology: Topology) -> str:
     ])
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     decode = "--decode" in argv
     argv = [a for a in argv if a != "--decode"]
     # Compiling needs no TPU: do not wait for the lock of a process (any jax with libtpu) holding one.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    args, bindings = gin_cli.parse_args(argv, description=__doc__)
+    if not any(b.startswith("TOPOLOGY ") for b in bindings):
+        raise UserError('Give the TPU slice to compile for, e.g. --gin.TOPOLOGY=\\"v5e:2x2\\".')
+    gin_cli.parse_gin(args.gin_file, bindings, gin_cli.search_paths(args))
+    topology = parse_topology(gin.query_parameter("%TOPOLOGY"))
+    devices = topology_devices(topology)
+    config = tpu_model_config()
     try:
-        args, bindings = gin_cli.parse_args(argv, description=__doc__)
-        if not any(b.startswith("TOPOLOGY ") for b in bindings):
-            raise UserError('Give the TPU slice to compile for, e.g. --gin.TOPOLOGY=\\"v5e:2x2\\".')
-        gin_cli.parse_gin(args.gin_file, bindings, gin_cli.search_paths(args))
-        topology = parse_topology(gin.query_parameter("%TOPOLOGY"))
-        devices = topology_devices(topology)
-        config = tpu_model_config()
-        try:
-            if decode:
-                report = decode_report(*compile_decode(devices, config), topology, config)
-                print(format_decode_report(report, topology), flush=True)
-                return 0 if report["total_bytes"] <= report["hbm_bytes"] else 1
-            compiled = compile_train_step(devices, config)
-            unrolled = (compile_train_step(devices, dataclasses.replace(config, scan_layers=False))
-                        if config.scan_layers else compiled)
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            # The TPU compiler refuses a program that cannot fit: that is the answer, not a crash.
-            print(f"topology {topology.name}: DOES NOT FIT: {str(e).splitlines()[0]}", flush=True)
-            return 1
-        report = step_report(compiled, unrolled, topology, model_flops_per_chip(config, topology))
-        print(format_report(report, topology), flush=True)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if decode:
+            report = decode_report(*compile_decode(devices, config), topology, config)
+            print(format_decode_report(report, topology), flush=True)
+            return 0 if report["total_bytes"] <= report["hbm_bytes"] else 1
+        compiled = compile_train_step(devices, config)
+        unrolled = (compile_train_step(devices, dataclasses.replace(config, scan_layers=False))
+                    if config.scan_layers else compiled)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # The TPU compiler refuses a program that cannot fit: that is the answer, not a crash.
+        print(f"topology {topology.name}: DOES NOT FIT: {str(e).splitlines()[0]}", flush=True)
+        return 1
+    report = step_report(compiled, unrolled, topology, model_flops_per_chip(config, topology))
+    print(format_report(report, topology), flush=True)
     return 0

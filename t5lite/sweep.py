@@ -25,7 +25,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from t5lite.errors import UserError
+from t5lite.errors import UserError, reports_user_errors
 
 
 def parse_grid(specs: Sequence[str]) -> list[dict[str, object]]:
@@ -104,6 +104,7 @@ def results_table(trials: Sequence[dict[str, object]], values: Sequence[float | 
     return "\n".join(rows)
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gin_file", action="append", default=[])
@@ -117,27 +118,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mode", default="min", choices=["min", "max"])
     parser.add_argument("--print_commands", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        if bool(args.grid) == bool(args.random):
-            raise UserError("Give --grid specs or --random specs (not both, not neither).")
-        trials = parse_grid(args.grid) if args.grid else sample_random(args.random, args.trials, args.seed)
-        os.makedirs(args.sweep_dir, exist_ok=True)
-        dirs = [os.path.abspath(os.path.join(args.sweep_dir, f"trial_{i:03d}")) for i in range(len(trials))]
-        commands = [trial_command(args.gin_file, args.bindings, t, d) for t, d in zip(trials, dirs, strict=True)]
-        if args.print_commands:
-            print("\n".join(shlex.join(c) for c in commands))
-            return 0
-        values = []
-        for i, (command, model_dir) in enumerate(zip(commands, dirs, strict=True)):
-            value = trial_metric(model_dir, args.metric)
-            if value is None:  # not finished before: run (or resume) it
-                print(f"[sweep] trial {i + 1}/{len(trials)}: {trials[i]}", flush=True)
-                done = subprocess.run(command)
-                value = trial_metric(model_dir, args.metric) if done.returncode == 0 else None
-            values.append(value)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if bool(args.grid) == bool(args.random):
+        raise UserError("Give --grid specs or --random specs (not both, not neither).")
+    trials = parse_grid(args.grid) if args.grid else sample_random(args.random, args.trials, args.seed)
+    os.makedirs(args.sweep_dir, exist_ok=True)
+    dirs = [os.path.abspath(os.path.join(args.sweep_dir, f"trial_{i:03d}")) for i in range(len(trials))]
+    commands = [trial_command(args.gin_file, args.bindings, t, d) for t, d in zip(trials, dirs, strict=True)]
+    if args.print_commands:
+        print("\n".join(shlex.join(c) for c in commands))
+        return 0
+    values = []
+    for i, (command, model_dir) in enumerate(zip(commands, dirs, strict=True)):
+        value = trial_metric(model_dir, args.metric)
+        if value is None:  # not finished before: run (or resume) it
+            print(f"[sweep] trial {i + 1}/{len(trials)}: {trials[i]}", flush=True)
+            done = subprocess.run(command)
+            value = trial_metric(model_dir, args.metric) if done.returncode == 0 else None
+        values.append(value)
     table = results_table(trials, values, args.metric, args.mode)
     with open(os.path.join(args.sweep_dir, "results.tsv"), "w") as f:
         f.write(table + "\n")

@@ -39,7 +39,7 @@ import seqio
 
 from t5lite import checkpoints, evaluation, fileio, finetune, gin_cli, observability, partitioning, preemption, trainer
 from t5lite.data import pipeline, vocab_record  # pipeline registers the tasks and their gin configurables
-from t5lite.errors import UserError
+from t5lite.errors import UserError, reports_user_errors
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model, normalize_metric_sums
 from t5lite.optim import make_optimizer
@@ -431,15 +431,12 @@ def _profile_flag_as_binding(argv: Sequence[str]) -> list[str]:
     return [f"--gin.train.profile_steps={a[len(flag):]!r}" if a.startswith(flag) else a for a in argv]
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        gin_cli.configure(_profile_flag_as_binding(argv), description=__doc__)
-        result = train()
-        if jax.process_index() == 0:
-            write_operative_config(result.model_dir)  # complete now that train() has returned
-    except UserError as e:  # gin errors included; internal bugs keep their traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    gin_cli.configure(_profile_flag_as_binding(argv), description=__doc__)
+    result = train()
+    if jax.process_index() == 0:
+        write_operative_config(result.model_dir)  # complete now that train() has returned
     return result.exit_code
 

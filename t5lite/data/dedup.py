@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from t5lite.errors import UserError
+from t5lite.errors import UserError, reports_user_errors
 
 _MERSENNE_31 = (1 << 31) - 1  # hash values and MinHash coefficients stay below it: a*h+b fits in uint64
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -205,6 +205,7 @@ def deduplicate(documents: Sequence[str], *, mode: str, threshold: float = 0.8) 
     return kept, report
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", default=[], help="text file(s), .gz allowed (dedup mode)")
@@ -218,11 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval_task", action="append", default=[], help="contamination: TASK[:SPLIT] (repeatable)")
     parser.add_argument("--ngram", type=int, default=13)
     args = parser.parse_args(argv)
-    try:
-        report = _run_contamination(args) if args.contamination else _run_dedup(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = _run_contamination(args) if args.contamination else _run_dedup(args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.report:

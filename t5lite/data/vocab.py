@@ -22,7 +22,7 @@ import sentencepiece as spm
 import seqio
 
 from t5lite.data import embedded_corpus
-from t5lite.errors import UserError
+from t5lite.errors import UserError, reports_user_errors
 
 DEFAULT_VOCAB_PATH = os.path.join(os.path.dirname(__file__), "vocab", "default.model")
 DEFAULT_EXTRA_IDS = 100
@@ -125,6 +125,7 @@ def _task_texts(names: Sequence[str], split: str) -> list[str]:
     return [t for name in names for task in pipeline.list_tasks_of(name) for t in pipeline.raw_texts(task, split)]
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="output prefix, e.g. t5lite/data/vocab/default")
@@ -137,17 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no_byte_fallback", action="store_true")
     parser.add_argument("--max_sentences", type=int, default=1_000_000)
     args = parser.parse_args(argv)
-    try:
-        texts = _task_texts(args.task, "train") if args.task else list(_embedded_corpus_train_texts())
-        path = train_sentencepiece(texts, args.output, args.vocab_size, model_type=args.model_type,
-                                   character_coverage=args.character_coverage,
-                                   byte_fallback=not args.no_byte_fallback, max_sentences=args.max_sentences)
-        held_out = _task_texts(args.task, "validation") if args.task else list(
-            itertools.chain(embedded_corpus.tiny_shakespeare_documents("validation"),
-                            embedded_corpus.wikitext2_documents("validation")))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    texts = _task_texts(args.task, "train") if args.task else list(_embedded_corpus_train_texts())
+    path = train_sentencepiece(texts, args.output, args.vocab_size, model_type=args.model_type,
+                               character_coverage=args.character_coverage,
+                               byte_fallback=not args.no_byte_fallback, max_sentences=args.max_sentences)
+    held_out = _task_texts(args.task, "validation") if args.task else list(
+        itertools.chain(embedded_corpus.tiny_shakespeare_documents("validation"),
+                        embedded_corpus.wikitext2_documents("validation")))
     vocabulary = seqio.SentencePieceVocabulary(path, extra_ids=DEFAULT_EXTRA_IDS)
     print(f"wrote {path}: {vocabulary.vocab_size} ids with {DEFAULT_EXTRA_IDS} sentinels; "
           f"{tokens_per_character(vocabulary, held_out):.4f} tokens per character on the validation text")
