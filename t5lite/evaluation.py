@@ -271,8 +271,9 @@ class TrainingMonitor:
         inferred: Results = {}
         self.last_seconds = 0.0
         if self.inference is not None and self.inference.task_names and step % self.infer_eval_every == 0:
+            params = jax.block_until_ready(params() if callable(params) else params)  # queued steps finish first
             t0 = time.perf_counter()
-            inferred = self.inference.evaluate(params() if callable(params) else params, step)
+            inferred = self.inference.evaluate(params, step)
             self.last_seconds = time.perf_counter() - t0
             for task, metrics in inferred.items():
                 self.write_metrics(f"infer_eval/{task}", step, metrics)

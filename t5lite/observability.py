@@ -15,7 +15,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import gin
 import jax
@@ -176,25 +176,47 @@ class CompileClock:
 
 @dataclasses.dataclass
 class IntervalTimer:
-    """Accumulates, over one logging interval, the seconds spent waiting for data and the
-    seconds spent in steps, and reports them per step with MFU and memory."""
+    """One logging interval of training: its steps and tokens, the wall seconds they took, and
+    of those the seconds spent waiting for data; reported per step with MFU and memory.
+
+    Time spent on other work inside the interval (compiling, evaluating) is left out with
+    exclude(), so the rates are those of training alone, wherever in the interval it fell."""
 
     step_flops: float
     peak_flops: float
-    data_wait_s: float = 0.0
+    clock: Callable[[], float] = time.perf_counter
+
+    def __post_init__(self) -> None:
+        self._start_interval()
+
+    def _start_interval(self) -> None:
+        self.start, self.steps, self.real_tokens, self.all_tokens = self.clock(), 0, 0, 0
+        self.data_wait_s = 0.0
 
     def add_data_wait(self, seconds: float) -> None:
         self.data_wait_s += seconds
 
-    def metrics(self, steps: int, elapsed_s: float, device: jax.Device) -> dict[str, float]:
-        """Per-step figures of an interval of `steps` steps that took `elapsed_s` wall seconds.
+    def add_step(self, real_tokens: int, all_tokens: int) -> None:
+        self.steps += 1
+        self.real_tokens += real_tokens
+        self.all_tokens += all_tokens
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` of the interval's wall time, spent on something else, out of its rates."""
+        self.start += seconds
+
+    def metrics(self, device: jax.Device) -> dict[str, float]:
+        """The interval's rates and per-step figures; then starts the next interval.
 
         step_seconds is wall time per step, data wait included: MFU is what the run achieved."""
-        step_s = elapsed_s / steps
-        out = {"step_seconds": step_s, "data_wait_seconds": self.data_wait_s / steps,
+        elapsed_s = self.clock() - self.start
+        step_s = elapsed_s / self.steps
+        out = {"steps_per_s": self.steps / elapsed_s, "tokens_per_s": self.all_tokens / elapsed_s,
+               "real_tokens_per_s": self.real_tokens / elapsed_s,
+               "step_seconds": step_s, "data_wait_seconds": self.data_wait_s / self.steps,
                "mfu": self.step_flops / step_s / self.peak_flops,
                "memory_bytes_in_use": memory_in_use_bytes(device)}
-        self.data_wait_s = 0.0
+        self._start_interval()
         return out
 
 

@@ -315,7 +315,6 @@ def train(
     profiler = observability.StepProfiler(profile_range, os.path.join(model_dir, "profile"), enabled=is_chief)
     compile_seconds, once = None, {}  # `once`: logged with the first interval only
     dropout_rng = jax.random.PRNGKey(seed + 1)
-    t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
     pending_metrics = []
     eval_results: dict[str, dict[str, float]] = {}
     nonfinite_step, preempted = None, False
@@ -323,15 +322,13 @@ def train(
     with jax.set_mesh(mesh), stop_request:  # (`with mesh:` is deprecated in jax 0.10 and no longer sets it)
         for step in range(start_step, num_train_steps):
             batch = observability.timed_next(train_batches, timer)
-            real, total = count_real_tokens(batch)
-            real_tokens, all_tokens = real_tokens + real, all_tokens + total
             profiler.before_step(step + 1)
             compile_clock = observability.CompileClock.read()
             state, metrics = train_step(state, partitioning.shard_batch(batch, mesh), dropout_rng)
             profiler.after_step(step + 1, metrics)
             if compile_seconds is None:  # the first call traces and compiles; keep that out of the rates
                 compile_seconds = observability.CompileClock.read() - compile_clock
-                t_interval += compile_seconds
+                timer.exclude(compile_seconds)
                 once["compile_seconds"] = compile_seconds
                 if is_chief:
                     print(f"Compiled the train step in {format_duration(compile_seconds)}", flush=True)
@@ -340,7 +337,7 @@ def train(
                     f.write(json.dumps({"step": step + 1, "loss": float(metrics["loss"]),
                                         "rows": pipeline.row_fingerprints(batch)}) + "\n")
             pending_metrics.append(metrics)
-            steps_in_interval += 1
+            timer.add_step(*count_real_tokens(batch))
             done = step + 1
 
             if done == start_step + 1 and is_chief:
@@ -349,10 +346,7 @@ def train(
             if done % log_every == 0 or done == num_train_steps:
                 means = _mean_metrics(pending_metrics)
                 means["skipped_steps"] = round(means.pop("update_skipped") * len(pending_metrics))
-                elapsed = time.perf_counter() - t_interval
-                rates = {"steps_per_s": steps_in_interval / elapsed,
-                         "tokens_per_s": all_tokens / elapsed, "real_tokens_per_s": real_tokens / elapsed,
-                         **timer.metrics(steps_in_interval, elapsed, jax.local_devices()[0]), **once}
+                rates = {**timer.metrics(jax.local_devices()[0]), **once}
                 once = {}
                 eta = (num_train_steps - done) / max(rates["steps_per_s"], 1e-9)
                 if is_chief:
@@ -361,7 +355,6 @@ def train(
                         print(f"  {means['skipped_steps']} step(s) up to {done} skipped: non-finite loss or "
                               "gradients", flush=True)
                 writer.write("train", done, {**means, **rates})
-                t_interval, steps_in_interval, real_tokens, all_tokens = time.perf_counter(), 0, 0, 0
                 pending_metrics = []
 
             if on_nonfinite == "stop" and float(metrics["update_skipped"]):  # waits for this step
@@ -371,6 +364,7 @@ def train(
 
             evaluated = not stop and (done % eval_every == 0 or done == num_train_steps)
             if evaluated:
+                jax.block_until_ready(state.params)  # the steps still queued are training time, not eval's
                 t_eval = time.perf_counter()
                 eval_results = evaluate(eval_step, state.params, eval_data, mesh)
                 for task, m in eval_results.items():
@@ -379,11 +373,11 @@ def train(
                         print(f"  eval {task}: loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}  "
                               f"perplexity {m['perplexity']:.2f}  ({format_duration(time.perf_counter() - t_eval)})",
                               flush=True)
-                t_interval = time.perf_counter()  # keep eval time out of the training rates
+                timer.exclude(time.perf_counter() - t_eval)  # keep eval time out of the training rates
             if not stop:  # inference eval when due; early stopping ends the run like a stop request
                 stop = monitor.after_step(done, lambda p=state.params: model_params(p),
                                           eval_results if evaluated else None)
-                t_interval += monitor.last_seconds  # keep inference eval time out of the training rates
+                timer.exclude(monitor.last_seconds)  # keep inference eval time out of the training rates
 
             ckpt.save(done, state, train_batches, force=stop or done == num_train_steps,
                       metrics=_mean_over_tasks(eval_results) if evaluated else None)

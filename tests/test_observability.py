@@ -33,12 +33,21 @@ def test_mfu_matches_a_hand_computation():
     step_flops = observability.train_step_flops(config, shapes)
     assert step_flops == 3 * forward
     # 2 steps of 80832 FLOPs in 2 ms on a 1e8 FLOP/s device: 80.832% of its peak.
-    timer = observability.IntervalTimer(step_flops, peak_flops=1e8)
+    clock = iter([0.0, 2e-3, 2e-3, 5.0, 5.0]).__next__  # start; then each metrics() call and the next start
+    timer = observability.IntervalTimer(step_flops, peak_flops=1e8, clock=clock)
     timer.add_data_wait(5e-4)
-    metrics = timer.metrics(steps=2, elapsed_s=2e-3, device=jax.devices()[0])
+    timer.add_step(real_tokens=10, all_tokens=14)
+    timer.add_step(real_tokens=12, all_tokens=14)
+    metrics = timer.metrics(jax.devices()[0])
     assert metrics["mfu"] == pytest.approx(0.80832)
     assert metrics["step_seconds"] == pytest.approx(1e-3) and metrics["data_wait_seconds"] == pytest.approx(2.5e-4)
-    assert timer.metrics(steps=1, elapsed_s=1.0, device=jax.devices()[0])["data_wait_seconds"] == 0  # reset
+    assert metrics["steps_per_s"] == pytest.approx(1000) and metrics["real_tokens_per_s"] == pytest.approx(11000)
+    assert metrics["tokens_per_s"] == pytest.approx(14000)
+    # The next interval starts afresh; 4 s of it went to an evaluation, left out of its rates.
+    timer.add_step(real_tokens=14, all_tokens=14)
+    timer.exclude(4.0)
+    metrics = timer.metrics(jax.devices()[0])
+    assert metrics["step_seconds"] == pytest.approx(1.0 - 2e-3) and metrics["data_wait_seconds"] == 0
 
 
 @pytest.mark.parametrize("kind,peak", [("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
