@@ -30,12 +30,6 @@ def pytest_unconfigure(config):
         del os.environ[_CACHE_ENV]
 
 
-def pytest_collection_modifyitems(config, items):
-    """The slow end-to-end tests first (in their usual order), then the rest: with several
-    pytest-xdist workers a minutes-long test that started last would run alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(autouse=True)
 def clean_gin():
     """Each test starts and ends with no gin bindings: t5lite's entry points parse gin globally."""
