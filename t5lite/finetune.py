@@ -295,9 +295,7 @@ def export_merged(model_dir: str, output: str, *, step: int | None = None) -> st
         raise UserError(f"{config_path} does not exist: pass the MODEL_DIR of a t5lite training run.")
     if fileio.exists(output):
         raise UserError(f"{output} already exists; choose a new --output directory.")
-    gin.clear_config()
-    with fileio.open_file(config_path) as f:
-        gin_cli.parse_config_text(f.read(), config_path)
+    gin_cli.parse_run_config(config_path)
     model, adaptation = Model(TransformerConfig()), make_adaptation()
     mesh = partitioning.make_mesh()
     rules = partitioning.axis_rules("dp")

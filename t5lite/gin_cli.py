@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import gin
 
+from t5lite import fileio
 from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
 
@@ -98,13 +99,16 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
             raise GinConfigError(_explain(e)) from e
 
 
-def parse_config_text(text: str, source: str) -> None:
-    """Parses gin text read from `source` (e.g. a run's MODEL_DIR/config.gin, which may import the
-    user's task modules); raises GinConfigError naming `source` on user errors."""
+def parse_run_config(path: str) -> None:
+    """Replaces gin's bindings with those of a run's saved MODEL_DIR/config.gin (local or a bucket;
+    it may import the user's task modules); a file gin cannot parse is a GinConfigError naming it."""
+    gin.clear_config()
+    with fileio.open_file(path) as f:
+        text = f.read()
     try:
         gin.parse_config(text)
     except (ValueError, KeyError, OSError, SyntaxError, ImportError) as e:
-        raise GinConfigError(f"{source}: {_explain(e)}") from e
+        raise GinConfigError(f"{path}: {_explain(e)}") from e
 
 
 def _is_ast_thread_race(error: Exception) -> bool:

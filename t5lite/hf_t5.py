@@ -288,9 +288,7 @@ def export_checkpoint(checkpoint: str, output: str) -> str:
     if not fileio.exists(config_path):
         raise UserError(f"{config_path} does not exist: pass MODEL_DIR/checkpoints/<step> of a t5lite run (or of "
                         "an export by t5lite.finetune, which copies the run's config.gin).")
-    gin.clear_config()
-    with fileio.open_file(config_path) as f:
-        gin_cli.parse_config_text(f.read(), config_path)
+    gin_cli.parse_run_config(config_path)
     config = TransformerConfig()
     gin.clear_config()
     params = checkpoints.read_params(checkpoint)
