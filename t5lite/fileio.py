@@ -9,6 +9,7 @@ goes through these functions.
 from __future__ import annotations
 
 import os
+import uuid
 from typing import IO
 
 import tensorflow as tf
@@ -49,6 +50,15 @@ def makedirs(path: str) -> None:
         tf.io.gfile.makedirs(path)
     else:
         os.makedirs(path, exist_ok=True)
+
+
+def check_writable_dir(path: str) -> None:
+    """Creates directory `path` and proves it writable with a probe file; raises one of ERRORS if not."""
+    makedirs(path)
+    probe = join(path, f".write_test-{uuid.uuid4().hex}")  # hosts sharing the directory must not race
+    with open_file(probe, "w") as f:
+        f.write("ok")
+    remove(probe)
 
 
 def exists(path: str) -> bool:

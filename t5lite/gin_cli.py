@@ -5,6 +5,8 @@
     --gin_search_paths=A,B    (where `include` and --gin_file look, besides cwd and gin/)
     --coordinator_address=HOST:PORT --num_processes=N --process_id=I
                               (a multi-process run on CPU / GPU hosts; TPU pods need none of them)
+    --compilation_cache_dir=DIR|none
+                              (compiled programs kept across runs; see t5lite.compilation_cache)
 
 Gin errors (a typo in a binding, an unknown configurable, a missing file) are turned into a
 GinConfigError that names the problem, instead of a deep traceback.
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 
 import gin
 
-from t5lite import fileio
+from t5lite import compilation_cache, fileio
 from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
 
@@ -49,15 +51,20 @@ def parse_args(argv: Sequence[str], description: str) -> tuple[argparse.Namespac
     parser.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (multi-process)")
     parser.add_argument("--num_processes", type=int, default=None, help="processes in the run (multi-process)")
     parser.add_argument("--process_id", type=int, default=None, help="this process, 0..num_processes-1")
+    parser.add_argument("--compilation_cache_dir", default=None,
+                        help="persistent compilation cache (default: $JAX_COMPILATION_CACHE_DIR, else "
+                        f"{compilation_cache.DEFAULT_DIR}); 'none' turns it off")
     args = parser.parse_args(rest)
     return args, bindings
 
 
 def configure(argv: Sequence[str], description: str) -> argparse.Namespace:
     """What train / eval / infer start with: the flags parsed, the multi-process run joined (before
-    any JAX computation), then the gin files and bindings applied. Returns the parsed flags."""
+    any JAX computation), the compilation cache opened, then the gin files and bindings applied.
+    Returns the parsed flags."""
     args, bindings = parse_args(argv, description)
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    compilation_cache.enable(args.compilation_cache_dir)
     parse_gin(args.gin_file, bindings, search_paths(args))
     return args
 

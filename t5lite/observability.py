@@ -151,27 +151,45 @@ COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
     "/jax/core/compile/backend_compile_duration",
 )
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # a program loaded from the persistent cache
 
 
 class CompileClock:
     """Seconds this process has spent tracing, lowering and compiling (summed jax.monitoring
-    events). The difference of two readings around a first call is that call's compile time,
-    separate from its run time."""
+    events), and the programs it loaded from the persistent compilation cache instead of compiling.
+    The difference of two readings around a first call is that call's compile time, separate from
+    its run time (on a cache hit: tracing, lowering and loading)."""
 
     _seconds = 0.0
+    _cache_hits = 0
     _registered = False
 
     @classmethod
-    def _listen(cls, event: str, duration_secs: float, **_) -> None:
+    def _listen_duration(cls, event: str, duration_secs: float, **_) -> None:
         if event in COMPILE_EVENTS:
             cls._seconds += duration_secs
 
     @classmethod
-    def read(cls) -> float:
+    def _listen_event(cls, event: str, **_) -> None:
+        if event == CACHE_HIT_EVENT:
+            cls._cache_hits += 1
+
+    @classmethod
+    def _register(cls) -> None:
         if not cls._registered:  # jax has no unregister: listen once per process
-            jax.monitoring.register_event_duration_secs_listener(cls._listen)
+            jax.monitoring.register_event_duration_secs_listener(cls._listen_duration)
+            jax.monitoring.register_event_listener(cls._listen_event)
             cls._registered = True
+
+    @classmethod
+    def read(cls) -> float:
+        cls._register()
         return cls._seconds
+
+    @classmethod
+    def cache_hits(cls) -> int:
+        cls._register()
+        return cls._cache_hits
 
 
 @dataclasses.dataclass

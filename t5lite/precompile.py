@@ -262,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Compiling needs no TPU: do not wait for the lock of a process (any jax with libtpu) holding one.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     args, bindings = gin_cli.parse_args(argv, description=__doc__)
+    if args.compilation_cache_dir is not None:
+        raise UserError("t5lite.precompile compiles for a TPU slice to report its memory and time; it opens no "
+                        "compilation cache of its own. Drop --compilation_cache_dir.")
     if not any(b.startswith("TOPOLOGY ") for b in bindings):
         raise UserError('Give the TPU slice to compile for, e.g. --gin.TOPOLOGY=\\"v5e:2x2\\".')
     gin_cli.parse_gin(args.gin_file, bindings, gin_cli.search_paths(args))

@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,11 +49,7 @@ def ensure_writable_dir(path: str) -> str:
     """Creates `path` and proves it writable before any compute is spent."""
     path = fileio.absolute(path)
     try:
-        fileio.makedirs(path)
-        probe = os.path.join(path, f".write_test-{uuid.uuid4().hex}")  # hosts sharing MODEL_DIR must not race
-        with fileio.open_file(probe, "w") as f:
-            f.write("ok")
-        fileio.remove(probe)
+        fileio.check_writable_dir(path)
     except fileio.ERRORS as e:
         raise UserError(
             f"MODEL_DIR {path!r} is not writable ({getattr(e, 'strerror', None) or e}). Choose another directory with "
@@ -323,7 +318,7 @@ def train(
         for step in range(start_step, num_train_steps):
             batch = observability.timed_next(train_batches, timer)
             profiler.before_step(step + 1)
-            compile_clock = observability.CompileClock.read()
+            compile_clock, cache_hits = observability.CompileClock.read(), observability.CompileClock.cache_hits()
             state, metrics = train_step(state, partitioning.shard_batch(batch, mesh), dropout_rng)
             profiler.after_step(step + 1, metrics)
             if compile_seconds is None:  # the first call traces and compiles; keep that out of the rates
@@ -331,7 +326,9 @@ def train(
                 timer.exclude(compile_seconds)
                 once["compile_seconds"] = compile_seconds
                 if is_chief:
-                    print(f"Compiled the train step in {format_duration(compile_seconds)}", flush=True)
+                    how = ("Loaded the train step from the compilation cache"
+                           if observability.CompileClock.cache_hits() > cache_hits else "Compiled the train step")
+                    print(f"{how} in {format_duration(compile_seconds)}", flush=True)
             if write_host_records:
                 with fileio.open_file(os.path.join(model_dir, f"host-{jax.process_index()}.jsonl"), "a") as f:
                     f.write(json.dumps({"step": step + 1, "loss": float(metrics["loss"]),
