@@ -4,15 +4,18 @@ train step from it instead of compiling."""
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from t5lite import compilation_cache, gin_cli
 from t5lite.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SETTINGS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_compilation_cache_max_size")
+_SETTINGS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_compilation_cache_max_size",
+             "jax_persistent_cache_min_compile_time_secs")
 
 
 @pytest.fixture(autouse=True)
@@ -31,21 +34,50 @@ def _a_file(tmp_path):
     return path
 
 
-def test_explicit_directory_is_created_and_used(tmp_path):
+def test_explicit_directory_is_created_and_used_with_jax_size_setting(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
     directory = str(tmp_path / "cache")
     assert compilation_cache.enable(directory) == directory
     assert os.path.isdir(directory) and os.listdir(directory) == []  # the write probe is gone
     assert jax.config.jax_compilation_cache_dir == directory
     assert jax.config.jax_enable_compilation_cache
-    assert jax.config.jax_compilation_cache_max_size == compilation_cache.DEFAULT_MAX_BYTES
+    assert jax.config.jax_compilation_cache_max_size == -1
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "123456789")
+    compilation_cache.enable(directory)
+    assert jax.config.jax_compilation_cache_max_size == 123456789
 
 
-def test_without_a_flag_jax_setting_wins_over_the_default(tmp_path, monkeypatch):
+def test_without_a_flag_jax_setting_wins_over_the_default_which_alone_is_limited(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
     monkeypatch.setattr(compilation_cache, "DEFAULT_DIR", str(tmp_path / "default"))
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "from_env"))
     assert compilation_cache.enable() == str(tmp_path / "from_env")
+    assert jax.config.jax_compilation_cache_max_size == -1
     jax.config.update("jax_compilation_cache_dir", None)
     assert compilation_cache.enable() == str(tmp_path / "default")
+    assert jax.config.jax_compilation_cache_max_size == compilation_cache.DEFAULT_MAX_BYTES
+
+
+def test_a_directory_shared_with_unlimited_writers_keeps_taking_entries(tmp_path, monkeypatch):
+    """JAX fails every write of a size-limited cache to a directory that a writer without a limit
+    has used (no access-time files); t5lite must not limit such a directory."""
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    compilation_cache.jax_cache.reset_cache()
+    def entries():
+        return len([f for f in os.listdir(tmp_path) if f.endswith("-cache")])
+
+    x = jnp.ones(7)
+    jax.jit(lambda x: x * 3 + 1)(x).block_until_ready()  # another program's entries, written with no limit
+    before = entries()
+    assert before >= 1
+    assert compilation_cache.enable() == str(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Error writing persistent compilation cache entry" is a warning
+        jax.jit(lambda x: x * 5 - 2)(x).block_until_ready()
+    assert entries() == before + 1
 
 
 @pytest.mark.parametrize("off", ["none", "None", ""])

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import jax
@@ -110,5 +111,6 @@ def test_training_logs_efficiency_metrics_and_writes_a_profile(tmp_path, capsys)
         assert r["memory_bytes_in_use"] > 50e6, r  # at least the process's Python + jax
         assert r["tokens_per_s"] >= r["real_tokens_per_s"] > 0, r
     assert train[0]["compile_seconds"] > 0 and "compile_seconds" not in train[1]
-    assert "MFU " in out and "Compiled the train step in" in out
+    # The test run's shared compilation cache may already hold this train step (another test compiled it).
+    assert "MFU " in out and re.search(r"(Compiled|Loaded) the train step (from the compilation cache )?in", out)
     assert glob.glob(os.path.join(model_dir, "profile", "**", "*.xplane.pb"), recursive=True)
