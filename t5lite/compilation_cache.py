@@ -42,11 +42,9 @@ def enable(directory: str | None = None) -> str | None:
     DEFAULT_DIR, limited to DEFAULT_MAX_BYTES; "none": off) and returns the directory in use, or None
     when off. Call it before the first compilation. A directory given explicitly must be writable
     (UserError); an unwritable default means no cache, with a note: the run does not need one."""
-    explicit, own_default = directory is not None, False
+    explicit = directory is not None
     if directory is None:
-        directory = jax.config.jax_compilation_cache_dir
-        if not directory:
-            directory, own_default = os.path.expanduser(DEFAULT_DIR), True
+        directory = jax.config.jax_compilation_cache_dir or os.path.expanduser(DEFAULT_DIR)
     if directory.strip().lower() in _OFF:
         _configure(None)
         return None
@@ -61,7 +59,9 @@ def enable(directory: str | None = None) -> str | None:
         print(f"Compiling without a persistent cache: {directory} is not writable ({reason}).", flush=True)
         _configure(None)
         return None
-    _configure(directory, limit=own_default)
+    # Decided by the path, not by how it was reached: a second call in one process finds the default
+    # directory in jax.config and must keep its limit (an unlimited writer there breaks limited ones).
+    _configure(directory, limit=directory == fileio.absolute(os.path.expanduser(DEFAULT_DIR)))
     return directory
 
 

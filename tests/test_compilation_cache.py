@@ -56,6 +56,9 @@ def test_without_a_flag_jax_setting_wins_over_the_default_which_alone_is_limited
     jax.config.update("jax_compilation_cache_dir", None)
     assert compilation_cache.enable() == str(tmp_path / "default")
     assert jax.config.jax_compilation_cache_max_size == compilation_cache.DEFAULT_MAX_BYTES
+    # A second run in the same process (a notebook: train, then eval) finds the default in jax.config.
+    assert compilation_cache.enable() == str(tmp_path / "default")
+    assert jax.config.jax_compilation_cache_max_size == compilation_cache.DEFAULT_MAX_BYTES
 
 
 def test_a_directory_shared_with_unlimited_writers_keeps_taking_entries(tmp_path, monkeypatch):
