@@ -1,7 +1,9 @@
-"""Downstream and zero-shot tasks read the real public datasets (../shared/data) in the documented formats."""
+"""Downstream and zero-shot tasks read the real public datasets in the documented formats: the full sets at
+$T5LITE_DATA_DIR when it is set, else the excerpts in tests/data/excerpts (the `data_dir` fixture, conftest.py).
+SST-2 and Multi30k are not redistributable, so their tests need the full data sets (@pytest.mark.full_data)."""
 
+import gzip
 import json
-import os
 
 import pytest
 import seqio
@@ -10,12 +12,7 @@ from t5lite.data import downstream, pipeline
 from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
 
-SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
-
-
-@pytest.fixture(autouse=True)
-def data_dir(monkeypatch):
-    monkeypatch.setenv(downstream.DATA_DIR_ENV, SHARED_DATA)
+pytestmark = pytest.mark.usefixtures("data_dir")  # every test reads (or unsets) $T5LITE_DATA_DIR
 
 
 def _raw(task, split):
@@ -23,6 +20,7 @@ def _raw(task, split):
     return [{k: v.decode() for k, v in ex.items()} for ex in ds.as_numpy_iterator()]
 
 
+@pytest.mark.full_data
 def test_sst2_validation_is_the_glue_dev_set():
     rows = _raw("sst2", "validation")
     assert len(rows) == 872
@@ -30,6 +28,7 @@ def test_sst2_validation_is_the_glue_dev_set():
     assert rows[0]["inputs"].startswith("sst2 sentence: ")
 
 
+@pytest.mark.full_data
 def test_multi30k_splits_are_line_aligned_pairs():
     assert [len(_raw("multi30k_en_de", s)) for s in ("validation", "test")] == [1014, 1000]
     first = _raw("multi30k_en_de", "validation")[0]
@@ -37,30 +36,37 @@ def test_multi30k_splits_are_line_aligned_pairs():
                      "targets": "Eine Gruppe von Männern lädt Baumwolle auf einen Lastwagen"}
 
 
-def test_squad_dev_is_split_by_article_without_shared_contexts():
+def test_squad_dev_is_split_by_article_without_shared_contexts(data_dir):
     train, val = _raw("squad_v1_1", "train"), _raw("squad_v1_1", "validation")
-    assert len(train) + len(val) == 10570 and 0.1 < len(val) / 10570 < 0.35
+    total = data_dir.rows("squad_v1.1/dev-v1.1.json", full=10570)  # the excerpt: 1st paragraph of each article
+    assert len(train) + len(val) == total and 0.1 < len(val) / total < 0.35
     context = lambda r: r["inputs"].split(" context: ", 1)[1]  # noqa: E731
     assert not {context(r) for r in train} & {context(r) for r in val}
     assert all(r["targets"] in r["inputs"] for r in val[:50])  # extractive answers
 
 
-def test_tokenized_batches_for_fine_tuning():
-    batch = next(pipeline.get_batches("sst2", split="validation", task_feature_lengths={"inputs": 64, "targets": 4},
+# SST-2 when the full data sets are there; SQuAD's rows, shipped as an excerpt, always.
+DOWNSTREAM_TASKS = [pytest.param("sst2", marks=pytest.mark.full_data), "squad_v1_1"]
+
+
+@pytest.mark.parametrize("task", DOWNSTREAM_TASKS)
+def test_tokenized_batches_for_fine_tuning(task):
+    batch = next(pipeline.get_batches(task, split="validation", task_feature_lengths={"inputs": 64, "targets": 4},
                                       model_type="encoder_decoder", batch_size=4, shuffle=False, seed=0))
     assert batch["encoder_input_tokens"].shape == (4, 64) and batch["decoder_target_tokens"].shape == (4, 4)
 
 
-def test_downstream_tasks_register_again_in_another_vocabulary():
+@pytest.mark.parametrize("task", DOWNSTREAM_TASKS)
+def test_downstream_tasks_register_again_in_another_vocabulary(task):
     downstream.register_downstream_tasks(seqio.ByteVocabulary(extra_ids=100), suffix="_bytes")
     for name in ("sst2", "multi30k_en_de", "squad_v1_1"):
         features = seqio.TaskRegistry.get(f"{name}_bytes").output_features
         assert all(isinstance(f.vocabulary, seqio.ByteVocabulary) for f in features.values())
         assert seqio.TaskRegistry.get(name).output_features["inputs"].vocabulary == get_default_vocabulary()
-    batch = next(pipeline.get_batches("sst2_bytes", split="validation", task_feature_lengths={"inputs": 64,
+    batch = next(pipeline.get_batches(f"{task}_bytes", split="validation", task_feature_lengths={"inputs": 64,
                                       "targets": 12}, model_type="encoder_decoder", batch_size=2, shuffle=False,
                                       seed=0, pack=False))
-    text = _raw("sst2", "validation")[0]["inputs"]
+    text = _raw(task, "validation")[0]["inputs"]
     assert list(batch["encoder_input_tokens"][0][:20]) == [b + 3 for b in text.encode()[:20]]  # bytes + 3
 
 
@@ -73,8 +79,30 @@ def test_missing_data_dir_says_how_to_set_it(monkeypatch):
         _raw("sst2", "validation")
 
 
-def _raw_jsonl(*parts):
-    with open(os.path.join(SHARED_DATA, *parts), encoding="utf-8") as f:
+def test_sst2_and_multi30k_loaders_read_the_documented_formats(tmp_path, monkeypatch):
+    """Their data sets are not shipped (no license to redistribute them): hand-written rows in their formats
+    (GLUE TSV, no quoting; gzipped line-aligned text), so the loaders run without the full data sets too."""
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "dev.tsv").write_text('sentence\tlabel\nit \'s a " quoted -lrb- film \t1\na dull one \t0\n')
+    (tmp_path / "multi30k").mkdir()
+    for stem, english, german in (("val", "A dog runs.\nTwo men.\n", "Ein Hund rennt.\nZwei Männer.\n"),
+                                  ("test_2016_flickr", "One line.\n", "Eine Zeile.\nZwei Zeilen.\n")):
+        with gzip.open(tmp_path / "multi30k" / f"{stem}.en.gz", "wt", encoding="utf-8") as f:
+            f.write(english)
+        with gzip.open(tmp_path / "multi30k" / f"{stem}.de.gz", "wt", encoding="utf-8") as f:
+            f.write(german)
+    monkeypatch.setenv(downstream.DATA_DIR_ENV, str(tmp_path))
+    assert _raw("sst2", "validation") == [
+        {"inputs": 'sst2 sentence: it \'s a " quoted -lrb- film', "targets": "positive"},
+        {"inputs": "sst2 sentence: a dull one", "targets": "negative"}]
+    assert _raw("multi30k_en_de", "validation")[1] == {"inputs": "translate English to German: Two men.",
+                                                       "targets": "Zwei Männer."}
+    with pytest.raises(UserError, match="test_2016_flickr: 1 English but 2 German lines"):
+        _raw("multi30k_en_de", "test")
+
+
+def _raw_jsonl(path):
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -112,10 +140,11 @@ def test_squad_metric_takes_the_max_over_references_through_seqio_evaluator():
     assert squad["f1"] == pytest.approx(100 * 8 / 9)
 
 
-@pytest.mark.parametrize("task,file_name,num_questions", [("arc_easy", "arc_easy.jsonl", 2376),
-                                                          ("arc_challenge_prefix_lm", "arc_challenge.jsonl", 1172)])
-def test_arc_has_one_row_per_question_and_choice(task, file_name, num_questions):
-    questions = _raw_jsonl("arc", file_name)
+@pytest.mark.parametrize("task,file_name,full_questions", [("arc_easy", "arc_easy.jsonl", 2376),
+                                                           ("arc_challenge_prefix_lm", "arc_challenge.jsonl", 1172)])
+def test_arc_has_one_row_per_question_and_choice(data_dir, task, file_name, full_questions):
+    num_questions = data_dir.rows(f"arc/{file_name}", full=full_questions)
+    questions = _raw_jsonl(data_dir.path("arc", file_name))
     assert len(questions) == num_questions
     rows = seqio.TaskRegistry.get(task).source.get_dataset(split="test", shuffle=False)
     rows = list(rows.as_numpy_iterator())
@@ -127,10 +156,10 @@ def test_arc_has_one_row_per_question_and_choice(task, file_name, num_questions)
     assert sum(r["is_correct"] for r in rows) == num_questions  # one right choice each
 
 
-def test_lambada_rows_are_passage_and_last_word():
-    raw = _raw_jsonl("lambada_openai", "lambada_openai.jsonl")
+def test_lambada_rows_are_passage_and_last_word(data_dir):
+    raw = _raw_jsonl(data_dir.path("lambada_openai", "lambada_openai.jsonl"))
     rows = _raw("lambada", "test")
-    assert len(rows) == len(raw) == 5153
+    assert len(rows) == len(raw) == data_dir.rows("lambada_openai/lambada_openai.jsonl", full=5153)
     assert rows[0] == {"inputs": raw[0]["context"], "targets": raw[0]["continuation"]}
 
 
