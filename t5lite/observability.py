@@ -3,8 +3,10 @@ time, memory, and an optional JAX profiler trace of a range of steps.
 
 MFU = model FLOPs of one step (t5lite.model.flops) / step seconds / (peak FLOP/s per device x
 devices). The peak comes from a table keyed by device kind (bfloat16 dense datasheet figures,
-the dtype training runs in on accelerators); on CPU, where no datasheet applies, it is the FLOP/s
-of a large float32 matmul measured once per process. `peak_flops_per_device` (gin) overrides both.
+the dtype training runs in on accelerators). A CPU has no datasheet peak, and a matmul timed at
+start-up measures the machine's load as much as its cores (on a busy 2-core host it read low
+enough to show 82-95% MFU), so on CPU no MFU is reported unless `peak_flops_per_device.override`
+(gin) gives the peak; the override also replaces the table.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ DEVICE_KINDS = (("TPU v6 lite", "v6e"), ("TPU v6e", "v6e"), ("TPU v5 lite", "v5e
 @functools.cache
 def measured_cpu_peak(size: int = 1536, budget_seconds: float = 1.0) -> float:
     """FLOP/s of a jitted [size, size] float32 matmul on the CPU: the best of as many timings as fit
-    in about `budget_seconds`. Measured once per process (cached): it costs about a second."""
+    in about `budget_seconds`. Measured once per process (cached): it costs about a second.
+
+    For benchmarks that compare runs measured in the same process (bench/), not for MFU: it moves
+    with the machine's load, so it is no peak."""
     import jax.numpy as jnp  # noqa: PLC0415
 
     cpu = jax.devices("cpu")[0]
@@ -53,25 +58,29 @@ def measured_cpu_peak(size: int = 1536, budget_seconds: float = 1.0) -> float:
 
 
 @gin.configurable
-def peak_flops_per_device(device_kind: str, platform: str, override: float | None = None) -> float:
+def peak_flops_per_device(device_kind: str, platform: str, override: float | None = None) -> float | None:
     """Peak FLOP/s of one device: `override` (gin: peak_flops_per_device.override) if set, else the
-    table, else (CPU) a measured matmul. Raises UserError for an accelerator the table lacks."""
+    table; None on CPU (no MFU), where no datasheet peak exists. Raises UserError for an accelerator
+    the table lacks."""
     if override:
         return float(override)
     for kind, chip in DEVICE_KINDS:
         if kind.lower() in device_kind.lower():
             return PEAK_BF16_FLOPS[chip]
     if platform == "cpu":
-        return measured_cpu_peak()
+        return None
     raise UserError(f"No peak FLOP/s known for device kind {device_kind!r}; set it with "
                     "--gin.peak_flops_per_device.override=<FLOP/s per device> to get MFU.")
 
 
-def total_peak_flops(devices: Sequence[jax.Device]) -> float:
-    """Peak FLOP/s of all `devices`. CPU devices of one process share the host's cores, so the
-    host's measured peak counts once per process, not once per (virtual) CPU device."""
+def total_peak_flops(devices: Sequence[jax.Device]) -> float | None:
+    """Peak FLOP/s of all `devices`, None if unknown (CPU without an override: no MFU). CPU devices
+    of one process share the host's cores, so a CPU peak counts once per process, not once per
+    (virtual) CPU device."""
     first = devices[0]
     per_device = peak_flops_per_device(first.device_kind, first.platform)
+    if per_device is None:
+        return None
     if first.platform == "cpu":
         return per_device * len({d.process_index for d in devices})
     return per_device * len(devices)
@@ -201,7 +210,7 @@ class IntervalTimer:
     exclude(), so the rates are those of training alone, wherever in the interval it fell."""
 
     step_flops: float
-    peak_flops: float
+    peak_flops: float | None  # None: no MFU (a CPU without peak_flops_per_device.override)
     clock: Callable[[], float] = time.perf_counter
 
     def __post_init__(self) -> None:
@@ -226,14 +235,16 @@ class IntervalTimer:
     def metrics(self, device: jax.Device) -> dict[str, float]:
         """The interval's rates and per-step figures; then starts the next interval.
 
-        step_seconds is wall time per step, data wait included: MFU is what the run achieved."""
+        step_seconds is wall time per step, data wait included: MFU is what the run achieved
+        (left out when the peak is unknown)."""
         elapsed_s = self.clock() - self.start
         step_s = elapsed_s / self.steps
         out = {"steps_per_s": self.steps / elapsed_s, "tokens_per_s": self.all_tokens / elapsed_s,
                "real_tokens_per_s": self.real_tokens / elapsed_s,
                "step_seconds": step_s, "data_wait_seconds": self.data_wait_s / self.steps,
-               "mfu": self.step_flops / step_s / self.peak_flops,
                "memory_bytes_in_use": memory_in_use_bytes(device)}
+        if self.peak_flops:
+            out["mfu"] = self.step_flops / step_s / self.peak_flops
         self._start_interval()
         return out
 

@@ -5,9 +5,13 @@ Only the chief process (index 0) writes; other processes get a disabled writer.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Mapping
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from t5lite import fileio
 
@@ -30,6 +34,86 @@ def progress_line(step: int, total: int, metrics: Mapping[str, float], rates: Ma
         f"{rates['tokens_per_s'] / 1e3:.1f}k tok/s ({rates['real_tokens_per_s'] / 1e3:.1f}k real) | "
         f"{mfu}ETA {format_duration(eta_s)}"
     )
+
+
+class Progress:
+    """A console line every `every_s` seconds of a long loop (decoding, scoring): what is done of
+    the total, the rate and the time left, e.g. 'infer: 120/1059 batches | 4.10 batches/s | ETA 3m49s'.
+
+        progress = Progress("infer", total=num_batches, enabled=is_chief)
+        for batch in progress.track(batches):
+            ...
+
+    The rate is measured from the end of the first unit on, so a first call's compilation is not
+    counted as the loop's speed. A loop shorter than every_s prints nothing; a longer one ends with
+    a line of its total time.
+    """
+
+    def __init__(self, label: str, total: int | None = None, unit: str = "batches", every_s: float = 10.0,
+                 enabled: bool = True, clock: Callable[[], float] = time.monotonic,
+                 print_fn: Callable[[str], None] | None = None):
+        self.label, self.total, self.unit, self.every_s, self.enabled = label, total, unit, every_s, enabled
+        self.clock, self.print_fn = clock, print_fn or functools.partial(print, flush=True)
+        self.done, self.printed = 0, False
+        self.start = self.last_print = self.clock()
+        self.first_done_at: float | None = None  # when the first unit finished (compile included)
+
+    def rate(self, now: float) -> float | None:
+        """Units per second after the first unit; None until two units are done."""
+        if self.first_done_at is None or self.done < 2 or now <= self.first_done_at:
+            return None
+        return (self.done - 1) / (now - self.first_done_at)
+
+    def line(self, now: float) -> str:
+        total = f"/{self.total}" if self.total is not None else ""
+        parts = [f"{self.label}: {self.done}{total} {self.unit}"]
+        rate = self.rate(now)
+        if rate is not None:
+            parts.append(f"{rate:.2f} {self.unit}/s")
+            if self.total is not None:
+                parts.append(f"ETA {format_duration(max(self.total - self.done, 0) / rate)}")
+        return " | ".join(parts)
+
+    def update(self, n: int = 1) -> None:
+        """Counts `n` more units done; prints a line if every_s has passed since the last one."""
+        self.done += n
+        now = self.clock()
+        if self.first_done_at is None:
+            self.first_done_at = now
+        if self.enabled and now - self.last_print >= self.every_s:
+            self.print_fn(self.line(now))
+            self.last_print, self.printed = now, True
+
+    def finish(self) -> None:
+        """After the loop: its total time, if it ran long enough to print progress."""
+        if self.enabled and self.printed:
+            self.print_fn(f"{self.label}: {self.done} {self.unit} in {format_duration(self.clock() - self.start)}")
+
+    def track(self, iterable: Iterable) -> Iterator:
+        """Yields the items of `iterable`, counting one unit after each is processed; then finish()."""
+        for item in iterable:
+            yield item
+            self.update()
+        self.finish()
+
+
+def stops_on_interrupt(message: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorates an entry point's main(argv) -> exit code: Ctrl-C (SIGINT) ends it with `message`, one
+    line on stderr, and exit code 130 (128 + SIGINT, as a shell reports a process ended by SIGINT),
+    instead of a KeyboardInterrupt traceback."""
+
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def wrapped(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(message, file=sys.stderr, flush=True)
+                return 128 + signal.SIGINT
+
+        return wrapped
+
+    return decorate
 
 
 class MetricsWriter:
