@@ -4,7 +4,7 @@
 #
 #   launch/tpu_vm.sh --name=t5-xl --zone=us-central2-b --accelerator_type=v4-32 -- \
 #       python -m t5lite.train --gin_file=gin/base.gin --gin_file=gin/models/t5_1_1_xl.gin \
-#       --gin.MODEL_DIR=\"gs://my-bucket/t5-xl\" --gin.train.partitioning_preset=\"fsdp\"
+#       --gin.MODEL_DIR=\"gs://my-bucket/t5-xl\" --gin.TrainConfig.partitioning_preset=\"fsdp\"
 #
 # Options: --project=P  --version=RUNTIME (default: the TPU software version Google lists for the
 # accelerator: v2-alpha-tpuv6e for v6e, v2-alpha-tpuv5 for v5p, v2-alpha-tpuv5-lite for v5e,

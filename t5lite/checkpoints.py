@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from t5lite import fileio
+from t5lite import fileio, run_dir
 from t5lite.errors import UserError
 
 STATE = "state"
@@ -321,7 +321,7 @@ def load_initial_params(checkpoint: str, init_params: Any, *, rename: Mapping[st
                   for n in targets if n in loaded and loaded[n].shape != targets[n].shape]
     if mismatched:
         raise UserError(f"{checkpoint} does not fit the model: {'; '.join(mismatched[:5])}. Check the model's gin "
-                        "settings, or rename parameters with train.initial_checkpoint_rename.")
+                        "settings, or rename parameters with CheckpointConfig.initial_checkpoint_rename.")
     fresh = sorted(set(targets) - set(loaded))
     unused = sorted(set(loaded) - set(targets))
     if fresh or unused:
@@ -344,6 +344,49 @@ def _path_name(path) -> str:
 
 def _flat_by_name(tree: Any) -> dict[str, Any]:
     return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def resolve_checkpoint_path(path: str) -> tuple[str, int | None]:
+    """CHECKPOINT_PATH -> (checkpoints directory, step or None for 'the latest / every one')."""
+    path = fileio.absolute(path).rstrip("/")
+    if not fileio.isdir(path):
+        raise UserError(f"CHECKPOINT_PATH {path!r} does not exist. Pass MODEL_DIR/checkpoints/<step> or a MODEL_DIR.")
+    name = os.path.basename(path)
+    if name.isdigit():
+        return os.path.dirname(path), int(name)
+    if fileio.isdir(run_dir.checkpoints_dir(path)):
+        return run_dir.checkpoints_dir(path), None
+    return path, None
+
+
+def checkpoint_steps(checkpoints_dir: str) -> list[int]:
+    """Finished checkpoints in a directory, read afresh and read-only: a Checkpointer here would
+    clean up (delete) the save a running training has in flight."""
+    return sorted(ocp.path.step.checkpoint_steps(checkpoints_dir))
+
+
+def latest_checkpoint_step(checkpoints_dir: str) -> int:
+    steps = checkpoint_steps(checkpoints_dir)
+    if not steps:
+        raise UserError(f"No checkpoint in {checkpoints_dir!r}.")
+    return steps[-1]
+
+
+def restore_params(checkpoints_dir: str, step: int, abstract_params: Any) -> Any:
+    """The params of checkpoint `step`, read-only (see checkpoint_steps), placed on the shardings and
+    dtypes of `abstract_params` (ShapeDtypeStructs of the params the checkpoint's train state holds:
+    see trainer.abstract_params). Only the params are read: no optimizer is needed."""
+    path = os.path.join(checkpoints_dir, str(step))
+    found = _flat_by_name(read_params(path))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    expected = {_path_name(p): a for p, a in leaves}
+    if ({n: tuple(getattr(v, "shape", ())) for n, v in found.items()}
+            != {n: tuple(a.shape) for n, a in expected.items()}):
+        raise UserError(f"Checkpoint {path} cannot be restored into the configured model: its parameters "
+                        "differ in names or shapes (another model or vocabulary size). Use the gin files "
+                        "the checkpoint was trained with.")
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.device_put(found[n].astype(a.dtype), a.sharding) for n, a in expected.items()])
 
 
 def abstract_like(state: Any) -> Any:

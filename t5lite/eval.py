@@ -35,16 +35,14 @@ import gin
 import jax
 import seqio
 
-from t5lite import distributed, evaluation, fileio, gin_cli, partitioning, trainer
+from t5lite import checkpoints, distributed, evaluation, fileio, gin_cli, partitioning, run_dir, trainer
 from t5lite.data import pipeline
 from t5lite.errors import reports_user_errors
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
 from t5lite.model.models import Model, without_prefix_attention
-from t5lite.optim import make_optimizer
-from t5lite.summaries import MetricsWriter
-from t5lite.train import data_model_type, load_eval_batches
-from t5lite.train import evaluate as teacher_forced_evaluate
+from t5lite.run_config import LossConfig
+from t5lite.summaries import MetricsWriter, stops_on_interrupt
 
 
 class CheckpointEvaluator:
@@ -65,26 +63,25 @@ class CheckpointEvaluator:
         self.inference = evaluation.InferenceEvaluator(
             self.model, mixture_or_task_name, mesh=self.mesh, rules=rules, split=eval_split,
             task_feature_lengths=task_feature_lengths, batch_size=batch_size, decode_config=DecodeConfig(),
-            num_examples=num_examples, seed=seed, prefix_lm=prefix_lm)
+            num_examples=num_examples, seed=seed, prefix_lm=prefix_lm, verbose=self.is_chief)
         for task in self.inference.tasks_without_metrics if self.is_chief else ():
             print(f"note: task {task!r} has no metric functions (seqio metric_fns): only its teacher-forced "
                   "loss is reported. Add metric_fns to the Task for decoded or scored metrics.", flush=True)
         # Tasks with inputs get prefix-LM features on a decoder-only model; a causal LM reads them causally.
         has_inputs = "inputs" in seqio.get_mixture_or_task(mixture_or_task_name).output_features
-        # Every host reads the same whole batches (see train.evaluate).
-        self.loss_batches = load_eval_batches(
+        # Every host reads the same whole batches (see evaluation.load_eval_batches).
+        self.loss_batches = evaluation.load_eval_batches(
             self.tasks, split=eval_split, max_batches=loss_batches, seed=seed,
             task_feature_lengths=dict(task_feature_lengths),
-            model_type=data_model_type(self.config, prefix_lm or has_inputs), batch_size=batch_size)
+            model_type=pipeline.model_type(self.config.is_encoder_decoder, prefix_lm or has_inputs),
+            batch_size=batch_size)
         if self.inference.causal_scoring:
             self.loss_batches = {task: [without_prefix_attention(b) for b in batches]
                                  for task, batches in self.loss_batches.items()}
-        init = trainer.make_sharded_init(self.model, make_optimizer().tx,
-                                         self.model.input_shapes(batch_size, task_feature_lengths), self.mesh, rules)
-        self.abstract_params = init.abstract_state.params  # restore target (shapes and shardings)
-        eval_step = trainer.make_eval_step(self.model, trainer.LossConfig())
-        self.eval_step = jax.jit(partitioning.with_sharding_rules(eval_step, self.mesh, rules),
-                                 in_shardings=(init.state_shardings.params, partitioning.batch_sharding(self.mesh)))
+        self.abstract_params = trainer.abstract_params(self.model, self.mesh, rules)  # restore target
+        self.eval_step = trainer.jit_eval_step(
+            self.model, jax.tree_util.tree_map(lambda a: a.sharding, self.abstract_params), self.mesh, rules,
+            loss_config=LossConfig())
         self.output_dir = output_dir
         if self.is_chief:
             fileio.makedirs(output_dir)
@@ -95,10 +92,10 @@ class CheckpointEvaluator:
     def evaluate(self, checkpoints_dir: str, step: int) -> dict[str, dict[str, float]]:
         """Restores `step`, evaluates every task, writes JSON + TensorBoard (process 0); -> task -> metric
         -> value. Every process must call it with the same step."""
-        params = evaluation.restore_params(checkpoints_dir, step, self.abstract_params)
+        params = checkpoints.restore_params(checkpoints_dir, step, self.abstract_params)
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh):  # as train.py does (`with mesh:` no longer sets it in jax 0.10)
-            loss = teacher_forced_evaluate(self.eval_step, params, self.loss_batches, self.mesh)
+            loss = evaluation.teacher_forced_eval(self.eval_step, params, self.loss_batches, self.mesh)
         results = evaluation.merge_results(loss, self.inference.evaluate(params, step))
         if not self.is_chief:
             return results
@@ -139,11 +136,11 @@ def evaluate(
     loss_batches: batches per task for the teacher-forced loss. watch_timeout_s: stop watching
     after this long without a new checkpoint (None: never).
     """
-    checkpoints_dir, step = evaluation.resolve_checkpoint_path(checkpoint_path)
+    checkpoints_dir, step = checkpoints.resolve_checkpoint_path(checkpoint_path)
     evaluation.check_trained_vocabulary(checkpoints_dir, mixture_or_task_name)
-    output_dir = output_dir or os.path.join(os.path.dirname(checkpoints_dir), "eval")
+    output_dir = output_dir or run_dir.path(run_dir.model_dir_of(checkpoints_dir), run_dir.EVAL)
     if not watch and step is None:
-        step = distributed.agree(evaluation.latest_checkpoint_step(checkpoints_dir))
+        step = distributed.agree(checkpoints.latest_checkpoint_step(checkpoints_dir))
     evaluator = CheckpointEvaluator(
         mixture_or_task_name=mixture_or_task_name, eval_split=eval_split,
         task_feature_lengths=task_feature_lengths, batch_size=batch_size, num_examples=num_examples,
@@ -168,10 +165,11 @@ def evaluate(
 def _oldest_unevaluated_step(evaluator: CheckpointEvaluator, checkpoints_dir: str) -> int:
     """The oldest checkpoint without a results file, or -1. A results file means an earlier run
     evaluated it: a restarted watcher resumes."""
-    new = [s for s in evaluation.checkpoint_steps(checkpoints_dir) if not fileio.exists(evaluator.results_path(s))]
+    new = [s for s in checkpoints.checkpoint_steps(checkpoints_dir) if not fileio.exists(evaluator.results_path(s))]
     return new[0] if new else -1
 
 
+@stops_on_interrupt("eval: interrupted (Ctrl-C); checkpoints evaluated before keep their results (step_<step>.json)")
 @reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv

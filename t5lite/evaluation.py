@@ -1,77 +1,69 @@
-"""Inference evaluation of a model on the eval tasks of a mixture, and early stopping.
+"""All evaluation, during training and after it: teacher-forced, decoded, scored; early stopping.
 
-InferenceEvaluator runs seqio.Evaluator: every task with metric functions is decoded
-(prediction metrics) and/or scored (score metrics) by t5lite.model.models.Model, and its
-metrics computed. Used by `python -m t5lite.eval` and, every train.infer_eval_every steps, by
-training. EarlyStopping watches one metric of the evaluation results.
+    teacher_forced_eval   loss / token accuracy / perplexity per task on batches read once
+    InferenceEvaluator    seqio.Evaluator: every task with metric functions is decoded (prediction
+                          metrics) and/or scored (score metrics), and its metrics computed
+    EarlyStopping         watches one metric of the results
+    TrainingEvaluator     what the training loop calls: all of the above when due
+
+Used by `python -m t5lite.train` (TrainingEvaluator) and `python -m t5lite.eval`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import itertools
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import seqio
 import tensorflow as tf
 from jax.sharding import Mesh
 
-from t5lite import checkpoints, fileio, inference
+from t5lite import inference, partitioning, run_dir
 from t5lite.data import pipeline, vocab_record
 from t5lite.errors import UserError
 from t5lite.model.decoding import DecodeConfig
-from t5lite.model.models import Model
+from t5lite.model.models import Model, normalize_metric_sums
+from t5lite.run_config import EvalConfig
+from t5lite.summaries import Progress, format_duration
 
 Results = dict[str, dict[str, float]]  # task -> metric -> value
 
 
-def resolve_checkpoint_path(path: str) -> tuple[str, int | None]:
-    """CHECKPOINT_PATH -> (checkpoints directory, step or None for 'the latest / every one')."""
-    path = fileio.absolute(path).rstrip("/")
-    if not fileio.isdir(path):
-        raise UserError(f"CHECKPOINT_PATH {path!r} does not exist. Pass MODEL_DIR/checkpoints/<step> or a MODEL_DIR.")
-    name = os.path.basename(path)
-    if name.isdigit():
-        return os.path.dirname(path), int(name)
-    if fileio.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), None
-    return path, None
+def load_eval_batches(task_names: Sequence[str], *, split: str, max_batches: int, **batch_kwargs) -> dict[str, list]:
+    """The first `max_batches` batches of `split` of each eval task, read once and kept in memory.
+
+    Every host reads the same whole batches (no ShardInfo); teacher_forced_eval splits them over the
+    mesh's data axes: the figures do not depend on the number of hosts, and every host runs the same
+    number of steps (per-host shards of a small split could differ by a batch: a hang)."""
+    out = {}
+    for name in task_names:
+        it = pipeline.get_batches(name, split=split, shuffle=False, num_epochs=1, **batch_kwargs)
+        out[name] = list(itertools.islice(it, max_batches))
+    return out
 
 
-def checkpoint_steps(checkpoints_dir: str) -> list[int]:
-    """Finished checkpoints in a directory, read afresh and read-only: a Checkpointer here would
-    clean up (delete) the save a running training has in flight."""
-    return sorted(ocp.path.step.checkpoint_steps(checkpoints_dir))
+def teacher_forced_eval(eval_step, params, eval_batches: Mapping[str, list], mesh: Mesh) -> Results:
+    """Teacher-forced loss / accuracy / perplexity per eval task (see load_eval_batches).
+
+    eval_step: (params, batch) -> metric sums (t5lite.trainer.jit_eval_step)."""
+    results = {}
+    for name, batches in eval_batches.items():
+        sums = None
+        for batch in batches:
+            s = eval_step(params, partitioning.global_batch(batch, mesh))
+            sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
+        results[name] = {k: float(v) for k, v in normalize_metric_sums(sums).items()}
+    return results
 
 
-def latest_checkpoint_step(checkpoints_dir: str) -> int:
-    steps = checkpoint_steps(checkpoints_dir)
-    if not steps:
-        raise UserError(f"No checkpoint in {checkpoints_dir!r}.")
-    return steps[-1]
-
-
-def restore_params(checkpoints_dir: str, step: int, abstract_params: Any) -> Any:
-    """The params of checkpoint `step`, read-only (see checkpoint_steps), placed on the shardings of
-    `abstract_params` (ShapeDtypeStructs of the configured model's params)."""
-    path = os.path.join(checkpoints_dir, str(step))
-    params = checkpoints.read_params(path)
-    expected = jax.tree_util.tree_map(lambda a: tuple(a.shape), abstract_params)
-    try:
-        found = jax.tree_util.tree_map(lambda x: tuple(x.shape), params)
-    except Exception:  # noqa: BLE001  (any unreadable leaf is a mismatch to report)
-        found = None
-    if found != expected:
-        raise UserError(f"Checkpoint {path} cannot be restored into the configured model: its parameters "
-                        "differ in names or shapes (another model or vocabulary size). Use the gin files "
-                        "the checkpoint was trained with.")
-    return jax.tree_util.tree_map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params,
-                                  abstract_params)
+def mean_over_tasks(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """{task: {metric: value}} -> {metric: mean over tasks}."""
+    return {k: float(np.mean([m[k] for m in results.values()])) for k in next(iter(results.values()))}
 
 
 def eval_feature_converter(model: Model, has_inputs: bool) -> seqio.FeatureConverter:
@@ -96,7 +88,7 @@ def check_vocabulary(model: Model, source: str, output_features: Mapping[str, se
 def check_trained_vocabulary(checkpoints_dir: str, mixture_or_task_name: str) -> None:
     """UserError if a task of the mixture uses another vocabulary than the checkpoints' run was
     trained with (MODEL_DIR/vocabulary.json; see vocab_record)."""
-    model_dir = vocab_record.model_dir_of_checkpoint(checkpoints_dir)
+    model_dir = run_dir.model_dir_of(checkpoints_dir)
     for task in pipeline.list_tasks_of(mixture_or_task_name):
         vocab_record.check(model_dir, f"task {task!r}", seqio.get_mixture_or_task(task).output_features)
 
@@ -116,18 +108,19 @@ class InferenceEvaluator:
     def __init__(
         self, model: Model, mixture_or_task_name: str, *, mesh: Mesh, rules, split: str,
         task_feature_lengths: Mapping[str, int], batch_size: int, decode_config: DecodeConfig,
-        num_examples: int | None = None, seed: int = 0, prefix_lm: bool = True,
+        num_examples: int | None = None, seed: int = 0, prefix_lm: bool = True, verbose: bool = False,
     ):
         """mesh, rules: where the params live and the logical axis rules; batches are decoded
         data-parallel on the mesh by every process (see t5lite.inference). batch_size: global.
         prefix_lm: a decoder-only model scores targets with its prompt attended bidirectionally (as
-        trained with train.prefix_lm=True); False: causally, as a causal LM was trained."""
+        trained with DataConfig.prefix_lm=True); False: causally, as a causal LM was trained."""
         pipeline.list_tasks_of(mixture_or_task_name)  # an unknown name fails here, with close matches
         provider = seqio.get_mixture_or_task(mixture_or_task_name)
         check_vocabulary(model, repr(provider.name), provider.output_features)
         tasks = seqio.get_subtasks(provider)
         self.tasks_without_metrics = sorted(t.name for t in tasks if not t.metric_objs)
         self.causal_scoring = not (prefix_lm or model.config.is_encoder_decoder)
+        self.verbose = verbose  # progress lines of long decoding / scoring loops (the chief process only)
         lengths = {k: v for k, v in task_feature_lengths.items() if k in provider.output_features}
         self.decode_config = dataclasses.replace(decode_config, max_decode_length=lengths["targets"])
         self._evaluator = seqio.Evaluator(
@@ -151,18 +144,25 @@ class InferenceEvaluator:
         rng = jax.random.PRNGKey(step) if rng is None else rng
         decode_params = []  # split per layer once, by the first task that decodes
 
+        def batches(dataset: tf.data.Dataset, what: str):
+            """padded_batches with a progress line (done / total, rate, ETA) every ~10 s of a long loop."""
+            n = int(dataset.cardinality())  # seqio's cached eval datasets know their size
+            total = -(-n // self._run.batch_size) if n >= 0 else None
+            progress = Progress(f"  {what}", total=total, enabled=self.verbose)
+            return progress.track(padded_batches(dataset, self._run.batch_size))
+
         def predict_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, list[int]]]:
             if not decode_params:
                 decode_params.append(self._run.decode_params(params))
             out = []
-            for i, (indices, batch) in enumerate(padded_batches(dataset, self._run.batch_size)):
+            for i, (indices, batch) in enumerate(batches(dataset, "decode")):
                 tokens, _ = self._run.predict(decode_params[0], batch, jax.random.fold_in(rng, i))
                 out.extend((int(j), row.tolist()) for j, row in zip(indices, tokens, strict=False))
             return out
 
         def score_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, float]]:
             out = []
-            for indices, batch in padded_batches(dataset, self._run.batch_size):
+            for indices, batch in batches(dataset, "score"):
                 scores = self._run.score(params, batch)
                 out.extend((int(j), float(s)) for j, s in zip(indices, scores, strict=False))
             return out
@@ -235,55 +235,76 @@ def merge_results(teacher_forced: Mapping[str, Mapping[str, float]],
     return merged
 
 
-class TrainingMonitor:
-    """What training runs besides teacher-forced eval: inference evaluation every
-    `infer_eval_every` steps (0: never) and early stopping; one call per step from the loop."""
+class TrainingEvaluator:
+    """Evaluation during training, one call per step from the loop: teacher-forced every
+    EvalConfig.every steps and at the last step, inference every EvalConfig.infer_every steps (0:
+    never), early stopping on their merged results."""
 
     def __init__(
-        self, model: Model, eval_mixture_or_task_name: str, eval_tasks: Sequence[str], *, mesh: Mesh, rules,
-        split: str, task_feature_lengths: Mapping[str, int], batch_size: int, infer_eval_every: int,
-        infer_eval_examples: int, early_stopping: EarlyStopping | None, write_metrics, verbose: bool,
-        prefix_lm: bool = True,
+        self, model: Model, config: EvalConfig, *, eval_step, eval_batches: Mapping[str, list], mesh: Mesh, rules,
+        mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int, last_step: int,
+        write_metrics, verbose: bool, prefix_lm: bool = True,
     ):
-        """batch_size: the global batch of inference evaluation (every process decodes its share)."""
-        self.infer_eval_every, self.early_stopping = infer_eval_every, early_stopping
+        """eval_step, eval_batches: see teacher_forced_eval. batch_size: the global batch of inference
+        evaluation (every process decodes its share). write_metrics(group, step, metrics)."""
+        self.config, self.last_step = config, last_step
+        self.eval_step, self.eval_batches, self.mesh = eval_step, eval_batches, mesh
         self.write_metrics, self.verbose = write_metrics, verbose
-        if early_stopping is not None:
-            early_stopping.check_metric_exists(eval_tasks)
+        self.early_stopping = None
+        if config.early_stopping_metric:
+            self.early_stopping = EarlyStopping(config.early_stopping_metric, config.early_stopping_patience,
+                                                config.early_stopping_mode)
+            self.early_stopping.check_metric_exists(list(eval_batches))
         self.inference = None
-        self.last_seconds = 0.0  # spent in the last after_step call
-        if infer_eval_every > 0:
+        self.last_seconds = 0.0  # spent in the last after_step call: kept out of the training rates
+        if config.infer_every > 0:
             self.inference = InferenceEvaluator(
-                model, eval_mixture_or_task_name, mesh=mesh, rules=rules, split=split,
+                model, mixture_or_task_name, mesh=mesh, rules=rules, split=config.split,
                 task_feature_lengths=task_feature_lengths, batch_size=batch_size, decode_config=DecodeConfig(),
-                num_examples=infer_eval_examples, prefix_lm=prefix_lm)
+                num_examples=config.infer_examples, prefix_lm=prefix_lm, verbose=verbose)
             if verbose and self.inference.tasks_without_metrics:
                 print(f"  inference eval: no metric functions in {', '.join(self.inference.tasks_without_metrics)}"
                       " (only their teacher-forced loss is evaluated)", flush=True)
 
-    def after_step(self, step: int, params, teacher_forced: Results | None) -> bool:
-        """Runs inference eval if due; -> whether early stopping says to stop.
+    def evaluate(self, step: int, params) -> Results:
+        """Teacher-forced results of every eval task for the train state's params; printed and written."""
+        params = jax.block_until_ready(params)  # the steps still queued are training time, not eval's
+        t0 = time.perf_counter()
+        results = teacher_forced_eval(self.eval_step, params, self.eval_batches, self.mesh)
+        for task, m in results.items():
+            self.write_metrics(f"eval/{task}", step, m)
+            if self.verbose:
+                print(f"  eval {task}: loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}  "
+                      f"perplexity {m['perplexity']:.2f}  ({format_duration(time.perf_counter() - t0)})", flush=True)
+        self.last_seconds += time.perf_counter() - t0
+        return results
 
-        params: the model's params, or a function returning them (called only when inference eval
-        runs: e.g. LoRA factors merged into their base). teacher_forced: this step's teacher-forced
-        results, if the loop evaluated at this step.
+    def after_step(self, step: int, params, model_params) -> tuple[Results | None, bool]:
+        """Runs what is due at `step`; -> (teacher-forced results or None if none ran, stop?).
+
+        params: the train state's params. model_params: a function of them giving the model's params
+        (e.g. LoRA factors merged into their base), called only when inference eval runs.
         """
-        inferred: Results = {}
         self.last_seconds = 0.0
-        if self.inference is not None and self.inference.task_names and step % self.infer_eval_every == 0:
-            params = jax.block_until_ready(params() if callable(params) else params)  # queued steps finish first
+        teacher_forced = None
+        if step % self.config.every == 0 or step == self.last_step:
+            teacher_forced = self.evaluate(step, params)
+        inferred: Results = {}
+        if self.inference is not None and self.inference.task_names and step % self.config.infer_every == 0:
+            decode_params = jax.block_until_ready(model_params(params))  # queued steps finish first
             t0 = time.perf_counter()
-            inferred = self.inference.evaluate(params, step)
-            self.last_seconds = time.perf_counter() - t0
+            inferred = self.inference.evaluate(decode_params, step)
+            self.last_seconds += time.perf_counter() - t0
             for task, metrics in inferred.items():
                 self.write_metrics(f"infer_eval/{task}", step, metrics)
                 if self.verbose:
                     print(f"  infer eval {task}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
         results = merge_results(teacher_forced or {}, inferred)
         if self.early_stopping is None or not results:
-            return False
+            return teacher_forced, False
         stop = self.early_stopping.should_stop(results)
         if stop and self.verbose:
             print(f"  early stopping at step {step}: {self.early_stopping.metric} has not improved on "
                   f"{self.early_stopping.best:.4f} for {self.early_stopping.patience} evaluations", flush=True)
-        return stop
+        return teacher_forced, stop
+

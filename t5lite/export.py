@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from t5lite import checkpoints, fileio
+from t5lite import checkpoints, fileio, run_dir
 from t5lite.data import vocab_record
 from t5lite.errors import UserError, reports_user_errors
 
@@ -37,10 +37,10 @@ def export_params(checkpoint: str, output: str, *, dtype: str = "float32") -> st
     params = jax.tree_util.tree_map(cast, checkpoints.read_params(checkpoint))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(output, params)
-    model_dir = vocab_record.model_dir_of_checkpoint(fileio.absolute(checkpoint))
-    config = fileio.join(model_dir, "config.gin")
+    model_dir = run_dir.model_dir_of(fileio.absolute(checkpoint))
+    config = run_dir.path(model_dir, run_dir.CONFIG)
     if fileio.exists(config):
-        fileio.copy(config, fileio.join(output, "config.gin"))
+        fileio.copy(config, run_dir.path(output, run_dir.CONFIG))
     vocab_record.copy(model_dir, output)
     return output
 

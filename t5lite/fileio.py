@@ -1,4 +1,4 @@
-"""Files in MODEL_DIR on a local disk or a bucket (gs://, s3://, ...), through tf.io.gfile.
+"""Files in MODEL_DIR on a local disk or a bucket (gs://, s3://, ...), through _gfile().
 
 On a TPU pod MODEL_DIR is a bucket every worker shares: Python's open / os.makedirs would write a
 local directory named "gs:" on each worker instead. Orbax reads and writes checkpoints in buckets
@@ -9,13 +9,26 @@ goes through these functions.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from typing import IO
 
-import tensorflow as tf
 
-# What a failed file operation raises: OSError locally, tf.errors.OpError (e.g. PermissionDeniedError) on a bucket.
-ERRORS = (OSError, tf.errors.OpError)
+def _gfile():
+    """tf.io.gfile, imported on the first use of a bucket: local paths never load TensorFlow, so the
+    model, trainer and checkpoints run on a machine with jax alone."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    return tf.io.gfile
+
+
+def __getattr__(name: str):
+    # ERRORS: what a failed file operation raises: OSError locally, tf.errors.OpError (e.g.
+    # PermissionDeniedError) on a bucket, which only a process that has loaded TensorFlow can meet.
+    if name == "ERRORS":
+        tf = sys.modules.get("tensorflow")
+        return (OSError, tf.errors.OpError) if tf is not None else (OSError,)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_remote(path: str) -> bool:
@@ -35,7 +48,7 @@ def join(*parts: str) -> str:
 def open_file(path: str, mode: str = "r") -> IO:
     """Like open(); "a" (append) works on buckets too, by rewriting the object (keep such files small)."""
     if is_remote(path):
-        return tf.io.gfile.GFile(path, mode)
+        return _gfile().GFile(path, mode)
     return open(path, mode, encoding=None if "b" in mode else "utf-8")
 
 
@@ -47,7 +60,7 @@ def copy(source: str, destination: str) -> None:
 
 def makedirs(path: str) -> None:
     if is_remote(path):
-        tf.io.gfile.makedirs(path)
+        _gfile().makedirs(path)
     else:
         os.makedirs(path, exist_ok=True)
 
@@ -62,16 +75,16 @@ def check_writable_dir(path: str) -> None:
 
 
 def exists(path: str) -> bool:
-    return tf.io.gfile.exists(path) if is_remote(path) else os.path.exists(path)
+    return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
-    return tf.io.gfile.isdir(path) if is_remote(path) else os.path.isdir(path)
+    return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
 
 
 def remove(path: str) -> None:
     if is_remote(path):
-        tf.io.gfile.remove(path)
+        _gfile().remove(path)
     else:
         os.remove(path)
 
@@ -79,6 +92,6 @@ def remove(path: str) -> None:
 def rename(source: str, destination: str) -> None:
     """Moves a file or directory (on buckets: a copy then a delete, not atomic)."""
     if is_remote(source):
-        tf.io.gfile.rename(source, destination, overwrite=False)
+        _gfile().rename(source, destination, overwrite=False)
     else:
         os.replace(source, destination)

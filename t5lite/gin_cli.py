@@ -2,7 +2,8 @@
 
     --gin_file=PATH           (repeatable; later files override earlier ones)
     --gin.NAME=VALUE          (repeatable; a binding or macro, applied after all files)
-    --gin_search_paths=A,B    (where `include` and --gin_file look, besides cwd and gin/)
+    --gin_search_paths=A,B    (where `include` and --gin_file look after the current directory,
+                              before t5lite's gin/: base.gin, models/t5_1_1_tiny.gin, ...)
     --coordinator_address=HOST:PORT --num_processes=N --process_id=I
                               (a multi-process run on CPU / GPU hosts; TPU pods need none of them)
     --compilation_cache_dir=DIR|none
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import os
+import re
 from collections.abc import Sequence
 
 import gin
@@ -24,10 +27,26 @@ import gin
 from t5lite import compilation_cache, fileio
 from t5lite.distributed import initialize_distributed
 from t5lite.errors import UserError
+from t5lite.run_config import MOVED_BINDINGS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# gin/ first: gin logs an error line for every search path an `include` misses.
-DEFAULT_SEARCH_PATHS = (os.path.join(REPO_ROOT, "gin"), ".", REPO_ROOT)
+# Where a --gin_file or an `include` is looked for after the current directory and --gin_search_paths:
+# t5lite's own gin/ ("base.gin", "models/t5_1_1_tiny.gin" from any directory), then the root of the
+# t5lite checkout ("gin/base.gin"; a `pip install -e .` keeps it beside the package).
+DEFAULT_SEARCH_PATHS = (os.path.join(REPO_ROOT, "gin"), REPO_ROOT)
+
+
+class _QuietGinPathProbes(logging.Filter):
+    """gin asks each file reader at each search path whether an `include`d file is there, and its
+    Python-package reader logs "Path not found" at every miss, also when a later path has the file.
+    Those lines say nothing: a file found nowhere fails with gin's own error, naming the paths searched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "Path not found: %s" and record.name == "root"
+                    and record.pathname.endswith(os.path.join("gin", "resource_reader.py")))
+
+
+_QUIET_GIN_PATH_PROBES = _QuietGinPathProbes()
 
 
 class GinConfigError(UserError):
@@ -75,6 +94,7 @@ def search_paths(args: argparse.Namespace) -> list[str]:
 
 
 def _resolve(path: str, search_paths: Sequence[str]) -> str:
+    """The first search path's `path` that is a file (`path` itself if absolute)."""
     for base in search_paths:
         candidate = os.path.join(base, path)
         if os.path.isfile(candidate):
@@ -89,13 +109,19 @@ def _configurable_names() -> list[str]:
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
-    """Parses files then bindings, finalizes the config; raises GinConfigError on user errors."""
+    """Parses files then bindings, finalizes the config; raises GinConfigError on user errors.
+
+    A file (a --gin_file or an `include` in one) is looked for in the current directory (or at its
+    absolute path), then in `search_paths`, then in DEFAULT_SEARCH_PATHS: t5lite's gin files are
+    found by name from any directory."""
+    logging.getLogger().addFilter(_QUIET_GIN_PATH_PROBES)  # gin logs on the root logger; added once
     paths = [*search_paths, *DEFAULT_SEARCH_PATHS]
     for p in paths:
-        gin.add_config_file_search_path(p)
+        if p not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001  (gin appends duplicates; no public listing)
+            gin.add_config_file_search_path(p)
     if not gin_files:
         raise GinConfigError("No --gin_file given; start from --gin_file=gin/base.gin.")
-    files = [_resolve(f, paths) for f in gin_files]
+    files = [_resolve(f, [".", *paths]) for f in gin_files]
     for attempt in range(3):
         try:
             gin.parse_config_files_and_bindings(files, bindings)
@@ -126,6 +152,10 @@ def _is_ast_thread_race(error: Exception) -> bool:
 
 def _explain(error: Exception) -> str:
     message = str(error).strip()
+    moved = [f"{old} is now {new}" for old, new in MOVED_BINDINGS.items()
+             if re.search(rf"\b{re.escape(old)}\b", message)]
+    if moved:  # a binding of the old flat train(): name its new home
+        return f"gin configuration error: {'; '.join(moved)} (t5lite/run_config.py). {message}"
     hint = ""
     # gin says e.g. "No configurable matching 'trian'." -> suggest registered names.
     if "No configurable matching" in message:

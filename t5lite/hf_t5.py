@@ -32,7 +32,7 @@ import gin
 import numpy as np
 import seqio
 
-from t5lite import checkpoints, fileio, gin_cli
+from t5lite import checkpoints, fileio, gin_cli, run_dir
 from t5lite.data import vocab_record
 from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError, reports_user_errors
@@ -283,8 +283,8 @@ def export_checkpoint(checkpoint: str, output: str) -> str:
     its vocabulary to the new directory `output`. Clears and re-parses gin (MODEL_DIR/config.gin)."""
     if os.path.exists(output):
         raise UserError(f"{output} already exists; choose a new --output directory.")
-    model_dir = vocab_record.model_dir_of_checkpoint(fileio.absolute(checkpoint))
-    config_path = fileio.join(model_dir, "config.gin")
+    model_dir = run_dir.model_dir_of(fileio.absolute(checkpoint))
+    config_path = run_dir.path(model_dir, run_dir.CONFIG)
     if not fileio.exists(config_path):
         raise UserError(f"{config_path} does not exist: pass MODEL_DIR/checkpoints/<step> of a t5lite run (or of "
                         "an export by t5lite.finetune, which copies the run's config.gin).")
@@ -329,11 +329,11 @@ def import_hf_t5(directory: str, output: str) -> str:
     vocabulary = _hf_sentencepiece_vocabulary(directory, config)
     output = fileio.absolute(output)  # a MODEL_DIR: a local directory or a bucket, written through fileio
     fileio.makedirs(output)
-    ckpt = checkpoints.Checkpointer(fileio.join(output, "checkpoints"), save_every=1, keep=None, async_save=False)
+    ckpt = checkpoints.Checkpointer(run_dir.checkpoints_dir(output), save_every=1, keep=None, async_save=False)
     ckpt.save(0, {"step": np.int32(0), "params": params}, force=True)
     ckpt.wait()
     ckpt.close()
-    with fileio.open_file(fileio.join(output, "config.gin"), "w") as f:
+    with fileio.open_file(run_dir.path(output, run_dir.CONFIG), "w") as f:
         f.write(f"# The model of the Hugging Face T5 in {os.path.abspath(directory)} (t5lite.hf_t5 --from_hf).\n"
                 "import t5lite.model.config\n\n")
         f.writelines(f"TransformerConfig.{name} = {getattr(config, name)!r}\n" for name in _IMPORTED_FIELDS)

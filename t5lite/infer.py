@@ -42,14 +42,14 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5lite import distributed, evaluation, gin_cli, inference, partitioning, trainer
+from t5lite import checkpoints, distributed, evaluation, gin_cli, inference, partitioning, run_dir, trainer
 from t5lite.data import pipeline, vocab_record
 from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError, reports_user_errors
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
 from t5lite.model.models import Model
-from t5lite.optim import make_optimizer
+from t5lite.summaries import Progress, stops_on_interrupt
 
 MODES = ("predict", "score")
 
@@ -173,18 +173,18 @@ def infer(
 ) -> str:
     """Writes (or completes) output_path; -> its path. Give input_file or task_name.
 
-    prefix_lm: a decoder-only model was trained as a prefix LM (train.prefix_lm=True): its prompt
+    prefix_lm: a decoder-only model was trained as a prefix LM (DataConfig.prefix_lm=True): its prompt
     is attended both ways when decoding and scoring; False: causally, as a causal LM was trained."""
     if mode not in MODES:
         raise UserError(f"infer.mode={mode!r}; choose one of {MODES}.")
     if (input_file is None) == (task_name is None):
         raise UserError("Give exactly one of infer.input_file and infer.task_name.")
-    checkpoints_dir, step = evaluation.resolve_checkpoint_path(checkpoint_path)
+    checkpoints_dir, step = checkpoints.resolve_checkpoint_path(checkpoint_path)
     if step is None:
-        step = distributed.agree(evaluation.latest_checkpoint_step(checkpoints_dir))
+        step = distributed.agree(checkpoints.latest_checkpoint_step(checkpoints_dir))
 
     model = Model(TransformerConfig())
-    model_dir = vocab_record.model_dir_of_checkpoint(checkpoints_dir)
+    model_dir = run_dir.model_dir_of(checkpoints_dir)
     if input_file is not None:
         examples = read_input_file(input_file, needs_targets=mode == "score")
         # The vocabulary the model was trained with, if its MODEL_DIR records one.
@@ -213,8 +213,7 @@ def infer(
 
     mesh = partitioning.make_mesh()
     rules = partitioning.axis_rules(partitioning_preset)
-    init = trainer.make_sharded_init(model, make_optimizer().tx, model.input_shapes(batch_size, lengths), mesh, rules)
-    params = evaluation.restore_params(checkpoints_dir, step, init.abstract_state.params)
+    params = checkpoints.restore_params(checkpoints_dir, step, trainer.abstract_params(model, mesh, rules))
     run = inference.BatchInference(
         model, mesh, rules, batch_size=batch_size, bidirectional_prompt=prefix_lm,
         decode_config=dataclasses.replace(DecodeConfig(), max_decode_length=lengths["targets"]))
@@ -223,8 +222,10 @@ def infer(
 
     features = _model_features([e for _, e in todo], vocabulary, model, lengths)
     rng = jax.random.PRNGKey(seed)
+    progress = Progress(f"infer ({mode})", total=-(-len(todo) // run.batch_size), enabled=is_chief)
     with open(output_path, "a", encoding="utf-8") if is_chief else contextlib.nullcontext() as out:
-        for batch_number, (positions, batch) in enumerate(evaluation.padded_batches(features, run.batch_size)):
+        batches = progress.track(evaluation.padded_batches(features, run.batch_size))
+        for batch_number, (positions, batch) in enumerate(batches):
             if mode == "predict":
                 tokens, scores = run.predict(params, batch, jax.random.fold_in(rng, done + batch_number))
             else:
@@ -244,6 +245,7 @@ def infer(
     return output_path
 
 
+@stops_on_interrupt("infer: interrupted (Ctrl-C); the records written are kept: the same command resumes after them")
 @reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv

@@ -2,7 +2,7 @@
 
     pip install -r requirements-tpu.txt     # libtpu: the TPU compiler
     python -m t5lite.precompile --gin_file=gin/base.gin --gin_file=gin/models/t5_1_1_xxl.gin \\
-        --gin.TOPOLOGY=\\"v5p:4x4x4\\" --gin.BATCH_SIZE=256 --gin.train.partitioning_preset=\\"fsdp\\"
+        --gin.TOPOLOGY=\\"v5p:4x4x4\\" --gin.BATCH_SIZE=256 --gin.TrainConfig.partitioning_preset=\\"fsdp\\"
 
 The same gin files and bindings as t5lite.train (model, batch, lengths, preset, make_mesh sizes,
 optimizer) plus TOPOLOGY = "<generation>:<chips per dimension>", e.g. "v5e:2x2", "v4:4x4x4".
@@ -29,12 +29,10 @@ if __name__ == "__main__":
     sys.exit(_precompile_module.main())
 
 import dataclasses
-import inspect
 import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import gin
 import jax
@@ -49,8 +47,7 @@ from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
 from t5lite.model.models import Model
 from t5lite.observability import PEAK_BF16_FLOPS
-from t5lite.optim import make_optimizer
-from t5lite.train import data_model_type, train
+from t5lite.run_config import DataConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,57 +99,42 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
         raise UserError(f"libtpu rejected the topology {topology.name!r}: {e}") from e
 
 
-def train_settings() -> dict[str, Any]:
-    """train()'s arguments as gin configures them (bindings over defaults)."""
-    settings = {k: p.default for k, p in inspect.signature(train).parameters.items()}
-    settings.update(gin.get_bindings(train))
-    return settings
-
-
 def tpu_model_config() -> TransformerConfig:
     """The gin-configured model as it runs on TPU ("auto" dtype is bfloat16 there; this process is on CPU)."""
     config = TransformerConfig()
     return dataclasses.replace(config, dtype="bfloat16") if config.dtype == "auto" else config
 
 
+def lower_train_step(devices: Sequence[jax.Device], config: TransformerConfig) -> jax.stages.Lowered:
+    """The train step t5lite.train runs on these devices, lowered from shapes: the same builder
+    (trainer.build_train_program) from the same gin-configured TrainConfig."""
+    run = TrainConfig()
+    program = trainer.build_train_program(config, run, partitioning.make_mesh(devices=devices))
+    model_type = pipeline.model_type(config.is_encoder_decoder, run.data.prefix_lm)
+    return program.lower(pipeline.batch_feature_shapes(dict(run.data.task_feature_lengths), model_type=model_type,
+                                                       batch_size=run.data.batch_size))
+
+
 def compile_train_step(devices: Sequence[jax.Device], config: TransformerConfig) -> jax.stages.Compiled:
     """The train step t5lite.train would run on these (TPU) devices, compiled from shapes (gin-configured)."""
-    settings = train_settings()
-    model, optimizer = Model(config), make_optimizer()
-    lengths, batch_size = dict(settings["task_feature_lengths"]), settings["batch_size"]
-
-    mesh = partitioning.make_mesh(devices=devices)
-    rules = partitioning.axis_rules(settings["partitioning_preset"])
-    partitioning.check_batch_size(batch_size, mesh)
-    init = trainer.make_sharded_init(model, optimizer.tx, model.input_shapes(batch_size, lengths), mesh, rules)
-    step = trainer.jit_train_step(
-        model, optimizer.tx, optimizer.schedule, init, mesh, rules,
-        loss_config=trainer.LossConfig(label_smoothing=settings["label_smoothing"], z_loss=settings["z_loss"]),
-        num_microbatches=settings["num_microbatches"], use_dropout=config.dropout_rate > 0)
-
-    batch_sharding = partitioning.batch_sharding(mesh)
-    shapes = pipeline.batch_feature_shapes(lengths, model_type=data_model_type(config, settings["prefix_lm"]),
-                                           batch_size=batch_size)
-    batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_sharding) for k, s in shapes.items()}
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    return step.lower(init.abstract_state, batch, rng).compile()
+    return lower_train_step(devices, config).compile()
 
 
 def compile_decode(devices: Sequence[jax.Device], config: TransformerConfig) -> tuple[jax.stages.Compiled, ...]:
     """(split per layer, predict) as t5lite.eval / infer run them on these devices, compiled from shapes."""
-    settings = train_settings()
+    data, preset = DataConfig(), TrainConfig().partitioning_preset
     model = Model(config)
-    lengths, batch_size = dict(settings["task_feature_lengths"]), settings["batch_size"]
+    lengths = dict(data.task_feature_lengths)
     mesh = partitioning.make_mesh(devices=devices)
-    rules = partitioning.axis_rules(settings["partitioning_preset"])
-    partitioning.check_batch_size(batch_size, mesh)
-    init = trainer.make_sharded_init(model, make_optimizer().tx, model.input_shapes(batch_size, lengths), mesh, rules)
+    rules = partitioning.axis_rules(preset)
+    partitioning.check_batch_size(data.batch_size, mesh)
     run = inference.BatchInference(
-        model, mesh, rules, batch_size=batch_size, bidirectional_prompt=settings["prefix_lm"],
+        model, mesh, rules, batch_size=data.batch_size, bidirectional_prompt=data.prefix_lm,
         decode_config=dataclasses.replace(DecodeConfig(), max_decode_length=lengths["targets"]))
-    shapes = pipeline.batch_feature_shapes(lengths, model_type=data_model_type(config, settings["prefix_lm"]),
+    shapes = pipeline.batch_feature_shapes(lengths, model_type=pipeline.model_type(config.is_encoder_decoder,
+                                                                                   data.prefix_lm),
                                            batch_size=run.batch_size)
-    return run.compile_from_shapes(init.abstract_state.params, shapes)
+    return run.compile_from_shapes(trainer.abstract_params(model, mesh, rules), shapes)
 
 
 def decode_report(to_decode_layout: jax.stages.Compiled, predict: jax.stages.Compiled, topology: Topology,
@@ -176,14 +158,14 @@ def decode_report(to_decode_layout: jax.stages.Compiled, predict: jax.stages.Com
 
 
 def format_decode_report(report: dict[str, float], topology: Topology) -> str:
-    settings, decode = train_settings(), DecodeConfig()
+    data, decode = DataConfig(), DecodeConfig()
     gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"  # noqa: E731
     fits = "fits" if report["total_bytes"] <= report["hbm_bytes"] else "DOES NOT FIT"
     beams = f" x {decode.num_beams} beams" if decode.method == "beam" else ""
     return "\n".join([
         f"topology {topology.name}: {topology.chips} chips, {gib(report['hbm_bytes'])} HBM per chip",
-        f"decoding (t5lite.eval / infer): batch {settings['batch_size']}{beams}, {decode.method}, "
-        f"{dict(settings['task_feature_lengths'])['targets']} new tokens",
+        f"decoding (t5lite.eval / infer): batch {data.batch_size}{beams}, {decode.method}, "
+        f"{data.task_feature_lengths['targets']} new tokens",
         f"memory per chip: parameters {gib(report['param_bytes'])}, decoding copy {gib(report['split_bytes'])}, "
         f"caches and temporaries {gib(report['temp_bytes'])}, batch and outputs "
         f"{gib(report['batch_bytes'] + report['output_bytes'])}, code {gib(report['code_bytes'])}",
@@ -193,13 +175,13 @@ def format_decode_report(report: dict[str, float], topology: Topology) -> str:
 
 def model_flops_per_chip(config: TransformerConfig, topology: Topology) -> float:
     """Analytic model FLOPs of the gin-configured train step (no rematerialisation) per chip."""
-    settings = train_settings()
-    lengths = dict(settings["task_feature_lengths"])
+    data = DataConfig()
+    lengths = dict(data.task_feature_lengths)
     if config.is_encoder_decoder:
         inputs_length, targets_length = lengths["inputs"], lengths["targets"]
     else:  # a prefix-LM example is inputs and targets in one decoder sequence
         inputs_length, targets_length = 0, sum(lengths.values())
-    return flops.train_step_flops(config, settings["batch_size"], inputs_length, targets_length) / topology.chips
+    return flops.train_step_flops(config, data.batch_size, inputs_length, targets_length) / topology.chips
 
 
 def step_report(compiled: jax.stages.Compiled, unrolled: jax.stages.Compiled, topology: Topology,

@@ -25,6 +25,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from t5lite import run_dir
 from t5lite.errors import UserError, reports_user_errors
 
 
@@ -82,7 +83,7 @@ def trial_command(
 
 def trial_metric(model_dir: str, metric: str) -> float | None:
     """TASK/METRIC from the trial's eval_results.json, or None if it has not finished."""
-    path = os.path.join(model_dir, "eval_results.json")
+    path = run_dir.path(model_dir, run_dir.EVAL_RESULTS)
     if not os.path.exists(path):
         return None
     task, _, name = metric.rpartition("/")

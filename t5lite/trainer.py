@@ -1,4 +1,8 @@
-"""Train state, sharded initialisation, and the jitted train and eval steps.
+"""Train state, sharded initialisation, and the ONE builder of the compiled train step.
+
+build_train_program is what `python -m t5lite.train` runs and what `python -m t5lite.precompile`
+compiles for a TPU slice: the model, optimizer, adaptation (full, frozen, LoRA, quantized base),
+the schedule's offset for fine-tuning, the mesh and the rules come together only there.
 
 The loss of a step is the sum of per-token losses over the GLOBAL batch divided by the number
 of real target tokens in it. With gradient accumulation the batch is split into microbatches
@@ -19,8 +23,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from t5lite import finetune, partitioning
+from t5lite import adaptation as adaptation_lib
+from t5lite import checkpoints, partitioning
+from t5lite.errors import UserError
+from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model, normalize_metric_sums
+from t5lite.optim import make_optimizer
+from t5lite.run_config import LossConfig, TrainConfig
 
 Array = jax.Array
 
@@ -30,12 +39,6 @@ class TrainState:
     step: Array
     params: Any
     opt_state: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    label_smoothing: float = 0.0
-    z_loss: float = 1e-4
 
 
 @dataclasses.dataclass
@@ -52,14 +55,14 @@ class ShardedInit:
 
 def make_sharded_init(
     model: Model, tx: optax.GradientTransformation, input_shapes: Mapping[str, tuple[int, ...]],
-    mesh: Mesh, rules, adaptation: finetune.Adaptation | None = None,
+    mesh: Mesh, rules, adaptation: adaptation_lib.Adaptation | None = None,
 ) -> ShardedInit:
     """Derives parameter shardings from the model's logical axes and builds a jitted init.
 
     `adaptation` (default: train every parameter) decides what the state's params hold (e.g. a
     frozen base and LoRA factors) and which part of them `tx` optimizes.
     """
-    adaptation = adaptation or finetune.FullAdaptation()
+    adaptation = adaptation or adaptation_lib.FullAdaptation()
 
     def init_boxed(rng):
         return model.init(rng, input_shapes)["params"]
@@ -147,7 +150,7 @@ def grad_and_metric_sums(
 def make_train_step(
     model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
     loss_config: LossConfig, num_microbatches: int = 1, use_dropout: bool = True,
-    adaptation: finetune.Adaptation | None = None,
+    adaptation: adaptation_lib.Adaptation | None = None,
 ) -> Callable[[TrainState, Mapping[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
     """(state, batch, rng) -> (new_state, metrics); jit it with shardings and donate the state.
 
@@ -155,7 +158,7 @@ def make_train_step(
     has the old params and optimizer state, and only the step counter advanced. With an
     `adaptation`, only its trainable part of the params is differentiated and updated.
     """
-    adaptation = adaptation or finetune.FullAdaptation()
+    adaptation = adaptation or adaptation_lib.FullAdaptation()
 
     def train_step(state: TrainState, batch: Mapping[str, Array], rng: Array):
         dropout_rng = jax.random.fold_in(rng, state.step) if use_dropout else None
@@ -173,7 +176,7 @@ def make_train_step(
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state.step)
         # A non-finite loss or gradient leaves params and optimizer state as they were; the step
-        # still counts (the schedule and the data move on). train.on_nonfinite decides what follows.
+        # still counts (the schedule and the data move on). LoopConfig.on_nonfinite decides what follows.
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         params, opt_state = jax.tree_util.tree_map(
             lambda new, old: jnp.where(finite, new, old), (params, opt_state), (trainable, state.opt_state))
@@ -201,7 +204,7 @@ def train_compiler_options(mesh: Mesh) -> dict[str, str] | None:
 def jit_train_step(
     model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, init: ShardedInit, mesh: Mesh,
     rules, *, loss_config: LossConfig, num_microbatches: int = 1, use_dropout: bool = True,
-    adaptation: finetune.Adaptation | None = None,
+    adaptation: adaptation_lib.Adaptation | None = None,
 ) -> Callable[[TrainState, Mapping[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
     """The train step jitted for the mesh: state sharded as `init` says, batch over the data axes,
     activations constrained by the rules, the state donated."""
@@ -216,12 +219,12 @@ def jit_train_step(
     )
 
 
-def make_eval_step(model: Model, loss_config: LossConfig, adaptation: finetune.Adaptation | None = None,
+def make_eval_step(model: Model, loss_config: LossConfig, adaptation: adaptation_lib.Adaptation | None = None,
                    ) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
     """(params, batch) -> metric SUMS (teacher forced, no dropout); add them across batches.
 
     params: the train state's params (the model's, merged by `adaptation` if given)."""
-    adaptation = adaptation or finetune.FullAdaptation()
+    adaptation = adaptation or adaptation_lib.FullAdaptation()
 
     def eval_step(params, batch):
         _, sums = model.loss_sums(adaptation.model_params(params), batch, label_smoothing=loss_config.label_smoothing,
@@ -229,3 +232,73 @@ def make_eval_step(model: Model, loss_config: LossConfig, adaptation: finetune.A
         return sums
 
     return eval_step
+
+
+def abstract_params(model: Model, mesh: Mesh, rules, adaptation: adaptation_lib.Adaptation | None = None) -> Any:
+    """ShapeDtypeStructs, with shardings, of the params a train state holds (the model's; with a LoRA
+    `adaptation`, its base and factors): the target that restores them, without building an optimizer."""
+    adaptation = adaptation or adaptation_lib.FullAdaptation()
+    input_shapes = model.input_shapes(1, {"inputs": 8, "targets": 8})  # the params do not depend on them
+
+    def state_params(rng):
+        return adaptation.adapt(nn.unbox(model.init(rng, input_shapes)["params"]), rng)
+
+    boxed_shapes = jax.eval_shape(lambda rng: model.init(rng, input_shapes)["params"], jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(state_params, jax.random.PRNGKey(0))
+    shardings = adaptation.state_shardings(boxed_shapes, shapes, mesh, rules)
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """A run's train step and everything it was built from."""
+
+    model: Model
+    adaptation: adaptation_lib.Adaptation
+    optimizer: Any  # t5lite.optim.Optimizer: tx (wrapped by the adaptation here) and schedule
+    tx: optax.GradientTransformation
+    init: ShardedInit
+    initial_step: int  # fine-tuning counts steps on from its initial checkpoint's
+    step: Callable[[TrainState, Mapping[str, Array], Array], tuple[TrainState, dict[str, Array]]]  # jitted
+    mesh: Mesh
+    rules: Any
+
+    def lower(self, batch_shapes: Mapping[str, tuple[int, ...]]) -> jax.stages.Lowered:
+        """The step lowered for batches of these feature shapes (no data, no state needed)."""
+        sharding = partitioning.batch_sharding(self.mesh)
+        batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=sharding) for k, s in batch_shapes.items()}
+        with jax.set_mesh(self.mesh):
+            return self.step.lower(self.init.abstract_state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32))
+
+
+def build_train_program(config: TransformerConfig, run: TrainConfig, mesh: Mesh) -> TrainProgram:
+    """The train step `python -m t5lite.train` runs for `run` on `mesh`, jitted (not yet compiled).
+
+    The optimizer and the adaptation come from gin (optim.make_optimizer, adaptation.make_adaptation);
+    with CheckpointConfig.initial_checkpoint_path the schedule counts from that checkpoint's step.
+    """
+    model = Model(config)
+    rules = partitioning.axis_rules(run.partitioning_preset)
+    partitioning.check_batch_size(run.data.batch_size, mesh)
+    if run.data.batch_size % run.loop.num_microbatches:
+        raise UserError(f"LoopConfig.num_microbatches={run.loop.num_microbatches} does not divide "
+                        f"DataConfig.batch_size={run.data.batch_size}.")
+    optimizer = make_optimizer()
+    adaptation = adaptation_lib.make_adaptation()
+    tx = adaptation.wrap_optimizer(optimizer.tx)
+    input_shapes = model.input_shapes(run.data.batch_size, run.data.task_feature_lengths)
+    init = make_sharded_init(model, tx, input_shapes, mesh, rules, adaptation)
+    initial_path = run.checkpoints.initial_checkpoint_path
+    initial_step = checkpoints.read_step(initial_path) if initial_path else 0
+    step = jit_train_step(
+        model, tx, lambda s: optimizer.schedule(s - initial_step), init, mesh, rules, loss_config=run.loss,
+        num_microbatches=run.loop.num_microbatches, use_dropout=config.dropout_rate > 0, adaptation=adaptation)
+    return TrainProgram(model, adaptation, optimizer, tx, init, initial_step, step, mesh, rules)
+
+
+def jit_eval_step(model: Model, params_shardings: Any, mesh: Mesh, rules, *, loss_config: LossConfig,
+                  adaptation: adaptation_lib.Adaptation | None = None
+                  ) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
+    """make_eval_step jitted for the mesh: (state params, sharded as `params_shardings`; batch) -> metric sums."""
+    return jax.jit(partitioning.with_sharding_rules(make_eval_step(model, loss_config, adaptation), mesh, rules),
+                   in_shardings=(params_shardings, partitioning.batch_sharding(mesh)))

@@ -20,7 +20,8 @@ import gin
 import jax
 import numpy as np
 
-from t5lite import finetune, inference, partitioning, peft, trainer
+from t5lite import adaptation as adaptation_lib
+from t5lite import inference, partitioning, peft, trainer
 from t5lite import train as train_lib
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
@@ -68,7 +69,7 @@ def _quantized_base(model: Model, optimizer, mesh, rules) -> dict:
     """A LoRA state on an int8 base initialised on `mesh`: where the codes of a few kernels live,
     the fraction of each such kernel's codes one device holds, and whether the model params
     (dequantized, adapters merged) on the mesh equal those computed on one device."""
-    adaptation = finetune.LoraAdaptation(patterns=(r"(query|wi_0)$",), rank=4, base_bits=8, block_size=16,
+    adaptation = adaptation_lib.LoraAdaptation(patterns=(r"(query|wi_0)$",), rank=4, base_bits=8, block_size=16,
                                          min_quantized_size=256)
     init = trainer.make_sharded_init(model, optimizer.tx, model.input_shapes(8, {"inputs": 64, "targets": 16}),
                                      mesh, rules, adaptation)
@@ -92,7 +93,8 @@ def main(out_dir: str, args: list[str]) -> None:
     for preset, (data, fsdp, tensor) in MESHES.items():
         gin.clear_config()
         model_dir = os.path.join(out_dir, preset.replace("+", "_"))
-        code = train_lib.main([*args, f"--gin.MODEL_DIR='{model_dir}'", f"--gin.train.partitioning_preset='{preset}'",
+        code = train_lib.main([*args, f"--gin.MODEL_DIR='{model_dir}'",
+                               f"--gin.TrainConfig.partitioning_preset='{preset}'",
                                f"--gin.make_mesh.data={data}", f"--gin.make_mesh.fsdp={fsdp}",
                                f"--gin.make_mesh.tensor={tensor}"])
         assert code == 0, preset

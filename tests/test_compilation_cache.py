@@ -126,7 +126,7 @@ def test_a_restarted_run_loads_its_train_step_from_the_cache(tmp_path):
     def run(name):
         command = [sys.executable, "-m", "t5lite.train", "--gin_file=gin/base.gin",
                    "--gin_file=gin/models/t5_1_1_tiny.gin", "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
-                   "--gin.BATCH_SIZE=4", "--gin.TRAIN_STEPS=2", "--gin.train.eval_batches=1",
+                   "--gin.BATCH_SIZE=4", "--gin.TRAIN_STEPS=2", "--gin.EvalConfig.batches=1",
                    f"--gin.MODEL_DIR='{tmp_path / name}'", f"--compilation_cache_dir={cache}"]
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -290,10 +290,10 @@ def test_empty_split_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_vocab_cli_trains_from_a_task_and_reports_tokens_per_character(tmp_path, capsys):
-    from t5lite.data import vocab as vocab_lib
+    from t5lite.data import train_vocab
 
-    code = vocab_lib.main([f"--output={tmp_path}/v", "--task=tiny_shakespeare_lm", "--vocab_size=400",
-                           "--model_type=bpe"])
+    code = train_vocab.main([f"--output={tmp_path}/v", "--task=tiny_shakespeare_lm", "--vocab_size=400",
+                             "--model_type=bpe"])
     assert code == 0
     out = capsys.readouterr().out
     assert "500 ids with 100 sentinels" in out

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from t5lite.data import dedup
+from t5lite.data import dedup, documents
 
 WORDS = ("the quick brown fox jumps over the lazy dog while seven bright stars rise above a quiet "
          "harbour where old sailors mend their nets and sing of distant islands lost beneath the waves").split()
@@ -87,5 +87,5 @@ def test_read_documents_handles_gzip_and_blocks(tmp_path, separator):
     path = tmp_path / "docs.txt.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.write("one\ntwo\n\nthree\n")
-    docs = list(dedup.read_documents(str(path), separator=separator))
+    docs = list(documents.read_documents(str(path), separator=separator))
     assert docs == (["one", "two", "three"] if separator == "line" else ["one\ntwo", "three"])

@@ -11,10 +11,10 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from t5lite import checkpoints, evaluation, gin_cli, partitioning, trainer
+from t5lite import checkpoints, gin_cli, partitioning, trainer
 from t5lite import eval as eval_lib
 from t5lite import train as train_lib
-from t5lite.data import downstream, metrics
+from t5lite.data import metrics
 from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
 from t5lite.evaluation import EarlyStopping
@@ -23,7 +23,6 @@ from t5lite.model.models import Model
 from t5lite.optim import make_optimizer
 
 LENGTHS = {"inputs": 32, "targets": 16}
-SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 WORDS = ["apple", "river", "stone", "cloud", "green", "north", "light", "table", "music", "paper"]
 SHORT_CHOICES = ["yes", "no", "ok", "up"]
 
@@ -122,9 +121,9 @@ def test_eval_reports_loss_and_metrics_and_rank_classification_picks_the_known_a
 @pytest.mark.slow
 @pytest.mark.parametrize("model_gin,mixture", [("t5_1_1_tiny", "zero_shot"),
                                                ("decoder_only_tiny", "zero_shot_prefix_lm")])
-def test_eval_scores_arc_and_lambada_from_the_shared_data(tmp_path, monkeypatch, model_gin, mixture):
-    """The decoder-only model is a causal LM (evaluate.prefix_lm=False): scored without a bidirectional prompt."""
-    monkeypatch.setenv(downstream.DATA_DIR_ENV, SHARED_DATA)
+def test_eval_scores_arc_and_lambada_from_the_data_dir(tmp_path, data_dir, model_gin, mixture):
+    """The decoder-only model is a causal LM (evaluate.prefix_lm=False): scored without a bidirectional prompt.
+    data_dir (conftest.py) sets $T5LITE_DATA_DIR: the full data sets if given, else the shipped excerpts."""
     model_dir = str(tmp_path / "run")
     extra = [f"--gin_file=gin/models/{model_gin}.gin", f"--gin.MIXTURE_OR_TASK_NAME='{mixture}'",
              "--gin.evaluate.eval_split='test'", "--gin.evaluate.num_examples=8"]
@@ -200,11 +199,12 @@ def test_training_runs_inference_eval_every_n_steps_and_stops_early(tmp_path, ca
     model_dir = str(tmp_path / "run")
     args = ["--gin_file=gin/base.gin", "--gin_file=gin/models/t5_1_1_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
             "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.BATCH_SIZE=4", "--gin.TRAIN_STEPS=40",
-            "--gin.train.eval_mixture_or_task_name='t5lite_test_copy'", "--gin.train.eval_batches=1",
-            "--gin.train.eval_every=100", "--gin.train.checkpoint_every=100",
-            "--gin.train.infer_eval_every=5", "--gin.train.infer_eval_examples=4",
-            "--gin.train.early_stopping_metric='t5lite_test_copy/accuracy'", "--gin.train.early_stopping_mode='max'",
-            "--gin.train.early_stopping_patience=1"]
+            "--gin.EvalConfig.mixture_or_task_name='t5lite_test_copy'", "--gin.EvalConfig.batches=1",
+            "--gin.EvalConfig.every=100", "--gin.CheckpointConfig.every=100",
+            "--gin.EvalConfig.infer_every=5", "--gin.EvalConfig.infer_examples=4",
+            "--gin.EvalConfig.early_stopping_metric='t5lite_test_copy/accuracy'",
+            "--gin.EvalConfig.early_stopping_mode='max'",
+            "--gin.EvalConfig.early_stopping_patience=1"]
     assert train_lib.main(args) == 0
     out = capsys.readouterr().out
     # An untrained model copies nothing: accuracy 0 at step 5 and again at 10 -> stop at 10.
@@ -214,4 +214,4 @@ def test_training_runs_inference_eval_every_n_steps_and_stops_early(tmp_path, ca
         records = [json.loads(line) for line in f]
     inferred = [r for r in records if r["group"] == "infer_eval/t5lite_test_copy"]
     assert [r["step"] for r in inferred] == [5, 10]
-    assert evaluation.checkpoint_steps(os.path.join(model_dir, "checkpoints")) == [10]
+    assert checkpoints.checkpoint_steps(os.path.join(model_dir, "checkpoints")) == [10]

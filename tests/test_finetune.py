@@ -12,6 +12,7 @@ import optax
 import pytest
 import seqio
 
+from t5lite import adaptation as adaptation_lib
 from t5lite import checkpoints, evaluation, finetune, hf_t5, partitioning, peft, trainer
 from t5lite import train as train_lib
 from t5lite.data import vocab_record
@@ -22,7 +23,7 @@ from t5lite.model.models import Model
 TINY = TransformerConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48,
                          num_encoder_layers=2, num_decoder_layers=2)
 LENGTHS = {"inputs": 10, "targets": 6}
-LORA = finetune.LoraAdaptation(patterns=(r"(query|value|wi_0)$",), rank=4, alpha=8.0)
+LORA = adaptation_lib.LoraAdaptation(patterns=(r"(query|value|wi_0)$",), rank=4, alpha=8.0)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def _train(model, batch, adaptation, tx, steps):
 
 def test_frozen_params_are_bitwise_unchanged_and_have_no_optimizer_state(model_and_batch):
     model, batch = model_and_batch
-    adaptation = finetune.make_adaptation(trainable=[r"^decoder/"], frozen=[r"norm"])
+    adaptation = adaptation_lib.make_adaptation(trainable=[r"^decoder/"], frozen=[r"norm"])
     first, state, _ = _train(model, batch, adaptation, adaptation.wrap_optimizer(optax.adam(1e-2)), steps=3)
     names = jax.tree_util.tree_leaves(peft.param_names(first.params))
     trained = 0
@@ -72,7 +73,7 @@ def test_frozen_params_are_bitwise_unchanged_and_have_no_optimizer_state(model_a
 
 def test_lora_starts_equal_to_the_base_model_and_trains_only_its_factors(model_and_batch):
     model, batch = model_and_batch
-    base_losses = _train(model, batch, finetune.FullAdaptation(), optax.sgd(0.0), steps=1)[2]
+    base_losses = _train(model, batch, adaptation_lib.FullAdaptation(), optax.sgd(0.0), steps=1)[2]
     first, state, losses = _train(model, batch, LORA, optax.adam(3e-2), steps=10)
     # b = 0: the first step's loss (before its update) is the base model's, exactly.
     assert losses[0] == base_losses[0]
@@ -101,7 +102,7 @@ def test_lora_starts_equal_to_the_base_model_and_trains_only_its_factors(model_a
 
 def test_lora_on_the_token_embedding_starts_at_the_base_and_adapts_the_rows_of_the_tokens_read(model_and_batch):
     model, batch = model_and_batch
-    adaptation = finetune.LoraAdaptation(patterns=(r"token_embedder/embedding$",), rank=4, alpha=8.0)
+    adaptation = adaptation_lib.LoraAdaptation(patterns=(r"token_embedder/embedding$",), rank=4, alpha=8.0)
     first, state, losses = _train(model, batch, adaptation, optax.adam(3e-2), steps=10)
     factors = first.params["lora"]["token_embedder/embedding"]
     assert factors["a"].shape == (64, 4) and factors["b"].shape == (4, 32)
@@ -119,7 +120,7 @@ def test_lora_on_the_token_embedding_starts_at_the_base_and_adapts_the_rows_of_t
 
 def test_quantized_base_lora_trains_and_its_base_stays_quantized(model_and_batch):
     model, batch = model_and_batch
-    qlora = finetune.LoraAdaptation(patterns=(r"(query|value|wi_0)$",), rank=4, alpha=8.0, base_bits=4,
+    qlora = adaptation_lib.LoraAdaptation(patterns=(r"(query|value|wi_0)$",), rank=4, alpha=8.0, base_bits=4,
                                     block_size=32, min_quantized_size=256)
     first, state, losses = _train(model, batch, qlora, optax.adam(3e-2), steps=10)
     assert losses[-1] < losses[0] - 0.5, losses
@@ -130,7 +131,7 @@ def test_quantized_base_lora_trains_and_its_base_stays_quantized(model_and_batch
                              jax.tree_util.tree_leaves(state.params["base"]), strict=True):
         np.testing.assert_array_equal(before, after)
     shapes = jax.eval_shape(lambda: state)
-    lines = finetune.summary_lines(qlora, shapes, jax.eval_shape(lambda: peft.dequantize(state.params["base"])))
+    lines = adaptation_lib.summary_lines(qlora, shapes, jax.eval_shape(lambda: peft.dequantize(state.params["base"])))
     before_bytes, packed_bytes, held_bytes = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) bytes", lines[1]))
     assert packed_bytes < 0.3 * before_bytes and packed_bytes < held_bytes < 0.5 * before_bytes, lines
 
@@ -146,7 +147,7 @@ def test_lora_factors_take_their_kernels_logical_axes_and_a_replicated_rank():
     assert boxed["decoder/layers/mlp/wi_0"]["b"].names == ("layers", "lora_rank", "mlp")
     spec = init.state_shardings.params["lora"]["encoder/layers/attention/query"]["a"].spec
     assert tuple(spec) == (None, "fsdp", None)  # embed over fsdp, like its kernel
-    embedding = finetune.LoraAdaptation(patterns=(r"token_embedder/embedding$",))
+    embedding = adaptation_lib.LoraAdaptation(patterns=(r"token_embedder/embedding$",))
     init = trainer.make_sharded_init(model, optax.adam(1e-3), model.input_shapes(4, LENGTHS), mesh,
                                      partitioning.axis_rules("fsdp"), embedding)
     boxed = embedding.lora_logical_shapes(init.boxed_params_shapes, init.abstract_state.params["lora"])
@@ -159,15 +160,15 @@ def test_quantized_codes_take_their_kernels_sharding_and_the_last_axes_on_the_bl
     kernel = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor"))
     # [256, 96] in blocks of 16: 6 blocks per row, which tensor (2) divides.
     q = jax.eval_shape(lambda: peft.quantize_tensor(jnp.zeros((256, 96)), bits=8, block_size=16))
-    sharded = finetune._quantized_sharding(kernel, q)
+    sharded = adaptation_lib._quantized_sharding(kernel, q)
     assert tuple(sharded.codes.spec) == tuple(sharded.scale.spec) == ("fsdp", "tensor", None)
     # [256, 40]: blocks of 16, 16 and 8 (padded) -> 3 blocks, which tensor does not divide: replicated.
     q = jax.eval_shape(lambda: peft.quantize_tensor(jnp.zeros((256, 40)), bits=8, block_size=16))
-    assert tuple(finetune._quantized_sharding(kernel, q).codes.spec) == ("fsdp", None, None)
+    assert tuple(adaptation_lib._quantized_sharding(kernel, q).codes.spec) == ("fsdp", None, None)
 
 
 def test_lora_dropout_drops_adapter_input_rows_only_in_training():
-    adaptation = finetune.LoraAdaptation(patterns=(r"attention/query$",), rank=4, alpha=4.0, dropout=0.5)
+    adaptation = adaptation_lib.LoraAdaptation(patterns=(r"attention/query$",), rank=4, alpha=4.0, dropout=0.5)
     params = {"attention": {"query": jnp.zeros((8, 2, 4))}}
     lora = adaptation.adapt(params, jax.random.PRNGKey(0))
     lora["lora"]["attention/query"]["b"] = jnp.ones((4, 2, 4))
@@ -180,20 +181,19 @@ def test_lora_dropout_drops_adapter_input_rows_only_in_training():
 
 def test_adaptation_errors_are_clear():
     with pytest.raises(UserError, match="needs LoRA"):
-        finetune.make_adaptation(base_bits=4)
+        adaptation_lib.make_adaptation(base_bits=4)
     with pytest.raises(UserError, match="only the LoRA factors train"):
-        finetune.make_adaptation(lora_patterns=["query$"], trainable=["decoder/"])
+        adaptation_lib.make_adaptation(lora_patterns=["query$"], trainable=["decoder/"])
     with pytest.raises(UserError, match="8 or 4"):
-        finetune.make_adaptation(lora_patterns=["query$"], base_bits=2)
+        adaptation_lib.make_adaptation(lora_patterns=["query$"], base_bits=2)
 
 
 # --- End to end: pretrain, fine-tune on SST-2 with gin/runs/finetune*.gin, export ---------------------
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_DIR = "/work/shared/data"
-TINY_FT = ["--gin_file=gin/models/t5_1_1_tiny.gin", "--gin.BATCH_SIZE=8", "--gin.train.log_every=5",
-           "--gin.train.eval_every=10", "--gin.train.eval_batches=1", "--gin.train.infer_eval_every=8",
-           "--gin.train.infer_eval_examples=16", f"--gin.downstream_data_dir.path='{DATA_DIR}'"]
+TINY_FT = ["--gin_file=gin/models/t5_1_1_tiny.gin", "--gin.BATCH_SIZE=8", "--gin.LoopConfig.log_every=5",
+           "--gin.EvalConfig.every=10", "--gin.EvalConfig.batches=1", "--gin.EvalConfig.infer_every=8",
+           "--gin.EvalConfig.infer_examples=16"]
 
 
 def _jsonl(model_dir):
@@ -202,18 +202,19 @@ def _jsonl(model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA_DIR, "sst2")), reason="needs the shared SST-2 data")
-def test_pretrain_then_finetune_on_sst2_and_export_merged_lora(tmp_path, capsys, monkeypatch):
+@pytest.mark.full_data  # SST-2 is not shipped with the tests (no license to redistribute it)
+def test_pretrain_then_finetune_on_sst2_and_export_merged_lora(tmp_path, capsys, monkeypatch, data_dir):
     monkeypatch.chdir(REPO)
+    tiny_ft = [*TINY_FT, f"--gin.downstream_data_dir.path='{data_dir}'"]
     pre = str(tmp_path / "pre")
     gin.clear_config()
     assert train_lib.main(["--gin_file=gin/base.gin", *TINY_FT[:2], "--gin.TRAIN_STEPS=6",
-                           "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.train.eval_batches=1",
-                           "--gin.train.checkpoint_every=6", f"--gin.MODEL_DIR='{pre}'"]) == 0
+                           "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.EvalConfig.batches=1",
+                           "--gin.CheckpointConfig.every=6", f"--gin.MODEL_DIR='{pre}'"]) == 0
 
     full = str(tmp_path / "full")
     gin.clear_config()
-    assert train_lib.main(["--gin_file=gin/runs/finetune.gin", *TINY_FT, "--gin.TRAIN_STEPS=10",
+    assert train_lib.main(["--gin_file=gin/runs/finetune.gin", *tiny_ft, "--gin.TRAIN_STEPS=10",
                            f"--gin.INITIAL_CHECKPOINT='{pre}/checkpoints/6'", f"--gin.MODEL_DIR='{full}'"]) == 0
     out = capsys.readouterr().out
     assert "steps 6->16" in out and "trainable parameters: 1,246,080 of 1,246,080" in out
@@ -225,7 +226,7 @@ def test_pretrain_then_finetune_on_sst2_and_export_merged_lora(tmp_path, capsys,
 
     qlora = str(tmp_path / "qlora")
     gin.clear_config()
-    assert train_lib.main(["--gin_file=gin/runs/finetune_qlora.gin", *TINY_FT, "--gin.TRAIN_STEPS=10",
+    assert train_lib.main(["--gin_file=gin/runs/finetune_qlora.gin", *tiny_ft, "--gin.TRAIN_STEPS=10",
                            f"--gin.INITIAL_CHECKPOINT='{pre}/checkpoints/6'", f"--gin.MODEL_DIR='{qlora}'"]) == 0
     assert "bytes float32 ->" in capsys.readouterr().out
     assert [r["step"] for r in _jsonl(qlora) if r["group"] == "infer_eval/sst2"] == [8, 16]
@@ -234,19 +235,17 @@ def test_pretrain_then_finetune_on_sst2_and_export_merged_lora(tmp_path, capsys,
     # for the adapted (int4 base + LoRA) model at its last step.
     merged_dir = str(tmp_path / "merged")
     assert finetune.main([f"--model_dir={qlora}", f"--output={merged_dir}"]) == 0
-    assert finetune.make_adaptation().base_bits == 4  # gin now holds the run's config.gin
+    assert adaptation_lib.make_adaptation().base_bits == 4  # gin now holds the run's config.gin
     assert checkpoints.read_step(f"{merged_dir}/checkpoints/16") == 16
     assert vocab_record.read(merged_dir) == vocab_record.read(qlora) is not None  # eval / infer check it
     model, mesh, rules = Model(TransformerConfig()), partitioning.make_mesh(), partitioning.axis_rules("dp")
-    init = trainer.make_sharded_init(model, optax.adamw(1e-3), model.input_shapes(8, {"inputs": 64, "targets": 4}),
-                                     mesh, rules)
-    merged = evaluation.restore_params(f"{merged_dir}/checkpoints", 16, init.abstract_state.params)
-    eval_data = train_lib.load_eval_batches(["sst2"], split="validation", max_batches=1, seed=0, batch_size=8,
+    merged = checkpoints.restore_params(f"{merged_dir}/checkpoints", 16, trainer.abstract_params(model, mesh, rules))
+    eval_data = evaluation.load_eval_batches(["sst2"], split="validation", max_batches=1, seed=0, batch_size=8,
                                             task_feature_lengths={"inputs": 64, "targets": 4},
                                             model_type="encoder_decoder", shard_info=seqio.ShardInfo(0, 1))
     eval_step = jax.jit(trainer.make_eval_step(model, trainer.LossConfig()))
     with jax.set_mesh(mesh):
-        loss = train_lib.evaluate(eval_step, merged, eval_data, mesh)["sst2"]["loss"]
+        loss = evaluation.teacher_forced_eval(eval_step, merged, eval_data, mesh)["sst2"]["loss"]
     logged = [r for r in _jsonl(qlora) if r["group"] == "eval/sst2" and r["step"] == 16][0]["loss"]
     assert loss == pytest.approx(logged, rel=1e-5)
     # The merged export carries the run's config.gin, so it converts to Hugging Face T5 as it is.

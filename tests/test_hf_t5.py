@@ -157,7 +157,7 @@ def test_a_trained_checkpoint_exports_as_a_hf_model_and_tokenizer_that_generate_
     model_dir = str(tmp_path / "run")
     assert train_lib.main(["--gin_file=gin/base.gin", "--gin_file=gin/models/t5_1_1_tiny.gin", "--gin.TRAIN_STEPS=4",
                            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.BATCH_SIZE=8",
-                           "--gin.train.eval_batches=1", "--gin.train.checkpoint_every=4",
+                           "--gin.EvalConfig.batches=1", "--gin.CheckpointConfig.every=4",
                            f"--gin.MODEL_DIR='{model_dir}'"]) == 0
     config = _run_model_config(model_dir)
     output = str(tmp_path / "hf")
@@ -248,8 +248,8 @@ def test_a_hf_t5_imports_as_a_model_dir_that_fine_tunes_and_exports_back(tmp_pat
     run = str(tmp_path / "finetuned")
     assert train_lib.main(["--gin_file=gin/base.gin", f"--gin_file={model_dir}/config.gin", "--gin.TRAIN_STEPS=2",
                            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=4",
-                           "--gin.train.eval_batches=1", "--gin.train.checkpoint_every=2",
-                           f"--gin.train.initial_checkpoint_path='{model_dir}/checkpoints/0'",
+                           "--gin.EvalConfig.batches=1", "--gin.CheckpointConfig.every=2",
+                           f"--gin.CheckpointConfig.initial_checkpoint_path='{model_dir}/checkpoints/0'",
                            f"--gin.MODEL_DIR='{run}'"]) == 0
     gin.clear_config()
     assert f"Initialised the params from {model_dir}/checkpoints/0 (step 0)" in capsys.readouterr().out

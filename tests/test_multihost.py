@@ -20,10 +20,10 @@ LAUNCHER = os.path.join(REPO, "launch", "local.py")
 TWO_HOST_RUN = [
     "--gin_file=gin/base.gin", "--gin_file=gin/models/t5_1_1_tiny.gin",
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.BATCH_SIZE=8",
-    "--gin.train.log_every=2", "--gin.train.eval_every=1000", "--gin.train.eval_batches=1",
-    "--gin.train.checkpoint_every=2", "--gin.train.write_host_records=True",
-    "--gin.train.eval_mixture_or_task_name='tiny_shakespeare_span_corruption'",
-    "--gin.train.infer_eval_every=4", "--gin.train.infer_eval_examples=8",
+    "--gin.LoopConfig.log_every=2", "--gin.EvalConfig.every=1000", "--gin.EvalConfig.batches=1",
+    "--gin.CheckpointConfig.every=2", "--gin.LoopConfig.write_host_records=True",
+    "--gin.EvalConfig.mixture_or_task_name='tiny_shakespeare_span_corruption'",
+    "--gin.EvalConfig.infer_every=4", "--gin.EvalConfig.infer_examples=8",
 ]
 TINY = ["--gin_file=gin/models/t5_1_1_tiny.gin", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}"]
 

@@ -26,10 +26,10 @@ TINY = TransformerConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp
 PRESET_RUN = [
     "--gin_file=gin/base.gin", "--gin_file=gin/models/t5_1_1_tiny.gin",
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.BATCH_SIZE=8", "--gin.TRAIN_STEPS=4",
-    "--gin.train.log_every=1", "--gin.train.eval_every=1000", "--gin.train.eval_batches=1",
-    "--gin.train.checkpoint_every=1000", "--gin.make_schedule.warmup_steps=10",
+    "--gin.LoopConfig.log_every=1", "--gin.EvalConfig.every=1000", "--gin.EvalConfig.batches=1",
+    "--gin.CheckpointConfig.every=1000", "--gin.make_schedule.warmup_steps=10",
     "--gin.make_adafactor.min_dim_size_to_factor=32",
-    "--gin.train.eval_mixture_or_task_name='tiny_shakespeare_span_corruption'",  # one eval task: faster
+    "--gin.EvalConfig.mixture_or_task_name='tiny_shakespeare_span_corruption'",  # one eval task: faster
 ]
 
 

@@ -13,11 +13,10 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from t5lite.data import sources
+from t5lite.data import embedded_corpus, sources
 from t5lite.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
 
 
 def _examples(source, split, **kwargs):
@@ -58,8 +57,9 @@ def test_jsonl_bad_rows_are_reported_with_file_and_line(tmp_path, caplog):
         _examples(strict, "train")
 
 
-def test_real_sst2_tsv_reads_every_row():
-    dev = os.path.join(SHARED_DATA, "sst2", "dev.tsv")
+@pytest.mark.full_data  # SST-2 is not shipped with the tests (no license to redistribute it)
+def test_real_sst2_tsv_reads_every_row(data_dir):
+    dev = data_dir.path("sst2", "dev.tsv")
     src = sources.file_source({"validation": dev}, file_format="tsv", fields=("sentence", "label"), bad_rows="error")
     rows = _examples(src, "validation")
     assert len(rows) == 872 and collections.Counter(r["label"] for r in rows) == {"1": 444, "0": 428}
@@ -123,7 +123,7 @@ def test_tfds_source_reads_a_prepared_tfds_dataset(tmp_path):
 
 
 def _readme_blocks():
-    readme = open(os.path.join(REPO, "README.md")).read()
+    readme = open(os.path.join(REPO, "docs", "data-and-tasks.md")).read()
     guide = readme[readme.index("## Adding a new task"):]
     python_block = re.search(r"```python\n(.*?)```", guide, re.DOTALL).group(1)
     gin_block = re.search(r"`my_task.gin`:\n\n```\n(.*?)```", guide, re.DOTALL).group(1)
@@ -136,7 +136,8 @@ def test_readme_new_task_guide_trains_and_evaluates_a_user_task(tmp_path):
     (tmp_path / "my_tasks.py").write_text(python_block)
     (tmp_path / "my_task.gin").write_text(gin_block)
     (tmp_path / "my_data").mkdir()
-    with open(os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")) as f:
+    # tiny Shakespeare as shipped in the package (byte-identical to the public file; corpus/README.md there)
+    with open(os.path.join(embedded_corpus.corpus_dir(), "tinyshakespeare", "input.txt")) as f:
         lines = [line.strip() for line in f if len(line.split()) >= 6][:600]
     with open(tmp_path / "my_data" / "qa.jsonl", "w") as f:
         for line in lines:  # real text: the first words of a line -> the rest of it
@@ -145,7 +146,7 @@ def test_readme_new_task_guide_trains_and_evaluates_a_user_task(tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
     cmd = [sys.executable, "-m", "t5lite.train", "--gin_file=gin/base.gin", "--gin_file=gin/models/t5_1_1_tiny.gin",
            "--gin_file=my_task.gin", f"--gin.MODEL_DIR='{tmp_path}/run'", "--gin.TRAIN_STEPS=20",
-           "--gin.BATCH_SIZE=8", "--gin.train.eval_every=20", "--gin.train.eval_batches=2"]
+           "--gin.BATCH_SIZE=8", "--gin.EvalConfig.every=20", "--gin.EvalConfig.batches=2"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.load(open(tmp_path / "run" / "eval_results.json"))

@@ -25,10 +25,10 @@ def test_random_search_is_seeded_and_within_bounds():
 
 
 def test_print_commands_gives_one_command_per_trial(tmp_path, capsys):
-    assert sweep.main([*TINY, f"--sweep_dir={tmp_path}", "--grid=train.seed=[1, 2]", "--metric=t/loss",
+    assert sweep.main([*TINY, f"--sweep_dir={tmp_path}", "--grid=TrainConfig.seed=[1, 2]", "--metric=t/loss",
                        "--print_commands"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and "--gin.train.seed=2" in lines[1] and "trial_001" in lines[1]
+    assert len(lines) == 2 and "--gin.TrainConfig.seed=2" in lines[1] and "trial_001" in lines[1]
 
 
 @pytest.mark.slow
@@ -36,7 +36,7 @@ def test_two_trial_sweep_writes_its_table(tmp_path, capsys):
     metric = "wikitext2_span_corruption/loss"
     args = [*TINY, f"--sweep_dir={tmp_path}", "--grid=make_schedule.learning_rate=[0.03, 0.3]", f"--metric={metric}",
             "--gin=TRAIN_STEPS=10", "--gin=BATCH_SIZE=8", "--gin=TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
-            "--gin=train.eval_every=10", "--gin=train.eval_batches=1"]
+            "--gin=EvalConfig.every=10", "--gin=EvalConfig.batches=1"]
     assert sweep.main(args) == 0
     rows = (tmp_path / "results.tsv").read_text().strip().splitlines()
     assert rows[0] == f"trial\tmake_schedule.learning_rate\t{metric}"

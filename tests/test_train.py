@@ -26,8 +26,8 @@ TINY_RUN = [
     "--gin_file=gin/models/t5_1_1_tiny.gin",
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
     "--gin.BATCH_SIZE=8",
-    "--gin.train.log_every=5",
-    "--gin.train.eval_batches=2",
+    "--gin.LoopConfig.log_every=5",
+    "--gin.EvalConfig.batches=2",
     "--gin.make_schedule.warmup_steps=10",
 ]
 
@@ -57,7 +57,7 @@ def test_shakespeare_char_run_beats_nanogpts_baby_gpt_validation_loss(tmp_path, 
     publishes "about 1.88" for its baby GPT of this shape and recipe; t5lite must stay below it."""
     model_dir = str(tmp_path / "char")
     code, out = _run_main(["--gin_file=gin/runs/shakespeare_char.gin", f"--gin.MODEL_DIR='{model_dir}'",
-                           "--gin.train.checkpoint_every=2000"], capsys)
+                           "--gin.CheckpointConfig.every=2000"], capsys)
     assert code == 0, out.err
     evals = [r for r in _jsonl(model_dir) if r["group"] == "eval/tiny_shakespeare_bytes_lm"]
     assert [r["step"] for r in evals] == list(range(250, 2001, 250))
@@ -71,7 +71,7 @@ def test_shakespeare_char_run_beats_nanogpts_baby_gpt_validation_loss(tmp_path, 
 def test_tiny_model_trains_on_real_text_and_writes_its_outputs(tmp_path, capsys):
     model_dir = str(tmp_path / "run")
     code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=60",
-                                      "--gin.train.eval_every=30", "--gin.train.checkpoint_every=30"], capsys)
+                                      "--gin.EvalConfig.every=30", "--gin.CheckpointConfig.every=30"], capsys)
     assert code == 0, out.err
     records = _jsonl(model_dir)
     train = [r for r in records if r["group"] == "train"]
@@ -86,7 +86,7 @@ def test_tiny_model_trains_on_real_text_and_writes_its_outputs(tmp_path, capsys)
                                                                 "wikitext2_span_corruption"}
     assert "TRAIN_STEPS = 60" in open(os.path.join(model_dir, "config.gin")).read()
     operative = open(os.path.join(model_dir, "operative_config.gin")).read()
-    assert "train.num_train_steps = %TRAIN_STEPS" in operative and "TRAIN_STEPS = 60" in operative
+    assert "LoopConfig.num_train_steps = %TRAIN_STEPS" in operative and "TRAIN_STEPS = 60" in operative
     assert "TransformerConfig.emb_dim = 64" in operative
     assert "token_embedder/embedding" in open(os.path.join(model_dir, "model-info.txt")).read()
     recorded = json.load(open(os.path.join(model_dir, "vocabulary.json")))
@@ -99,8 +99,8 @@ def test_tiny_model_trains_on_real_text_and_writes_its_outputs(tmp_path, capsys)
     # TRAIN_STEPS count on from the checkpoint's step.
     finetune_dir = str(tmp_path / "finetune")
     gin.clear_config()
-    code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{finetune_dir}'", "--gin.TRAIN_STEPS=5",
-                                      f"--gin.train.initial_checkpoint_path='{model_dir}/checkpoints/60'"], capsys)
+    initial = f"--gin.CheckpointConfig.initial_checkpoint_path='{model_dir}/checkpoints/60'"
+    code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{finetune_dir}'", "--gin.TRAIN_STEPS=5", initial], capsys)
     assert code == 0, out.err
     assert f"Initialised the params from {model_dir}/checkpoints/60 (step 60)" in out.out
     finetune = [r for r in _jsonl(finetune_dir) if r["group"] == "train"]
@@ -116,8 +116,8 @@ def test_decoder_only_model_trains(tmp_path, capsys, mixture, lengths, prefix_lm
     model_dir = str(tmp_path / "run")
     args = ["--gin_file=gin/models/decoder_only_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
             f"--gin.MIXTURE_OR_TASK_NAME='{mixture}'", f"--gin.TASK_FEATURE_LENGTHS={lengths}",
-            f"--gin.train.prefix_lm={prefix_lm}", "--gin.TRAIN_STEPS=40",
-            "--gin.train.eval_every=40", "--gin.train.checkpoint_every=40"]
+            f"--gin.DataConfig.prefix_lm={prefix_lm}", "--gin.TRAIN_STEPS=40",
+            "--gin.EvalConfig.every=40", "--gin.CheckpointConfig.every=40"]
     code, out = _run_main(TINY_RUN + args, capsys)
     assert code == 0, out.err
     train = [r for r in _jsonl(model_dir) if r["group"] == "train"]
@@ -128,7 +128,7 @@ def test_decoder_only_model_trains(tmp_path, capsys, mixture, lengths, prefix_lm
 
 def _train_command(model_dir, *extra):
     return [sys.executable, "-m", "t5lite.train", *TINY_RUN, f"--gin.MODEL_DIR='{model_dir}'",
-            "--gin.train.log_every=1", "--gin.train.eval_every=1000", *extra]
+            "--gin.LoopConfig.log_every=1", "--gin.EvalConfig.every=1000", *extra]
 
 
 def _losses_by_step(model_dir):
@@ -165,7 +165,7 @@ def test_killed_run_resumes_exactly_where_it_stopped(tmp_path):
     # as an uninterrupted run (the input pipeline's position is part of every checkpoint).
     steps, kill_at = 30, random.randint(6, 20)  # the kill lands a few steps later: ~20 steps/s
     reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
-    extra = ["--gin.train.checkpoint_every=5", f"--gin.TRAIN_STEPS={steps}", "--gin.train.eval_batches=1"]
+    extra = ["--gin.CheckpointConfig.every=5", f"--gin.TRAIN_STEPS={steps}", "--gin.EvalConfig.batches=1"]
     subprocess.run(_train_command(reference, *extra), cwd=REPO, check=True, capture_output=True, timeout=600)
 
     proc = subprocess.Popen(_train_command(interrupted, *extra), cwd=REPO,
@@ -194,7 +194,7 @@ def test_killed_run_resumes_exactly_where_it_stopped(tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_step_in_flight_and_exits_143(tmp_path):
     model_dir = str(tmp_path / "run")
-    proc = subprocess.Popen(_train_command(model_dir, "--gin.TRAIN_STEPS=10000", "--gin.train.checkpoint_every=1000"),
+    proc = subprocess.Popen(_train_command(model_dir, "--gin.TRAIN_STEPS=10000", "--gin.CheckpointConfig.every=1000"),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         _wait_for_step(proc, model_dir, 5)
@@ -210,14 +210,15 @@ def test_sigterm_checkpoints_the_step_in_flight_and_exits_143(tmp_path):
 
 # An SGD learning rate of 1e30 makes the parameters overflow within a few steps.
 DIVERGING = ["--gin.make_optimizer.name='sgd'", "--gin.make_schedule.name='constant'",
-             "--gin.make_schedule.learning_rate=1e30", "--gin.train.checkpoint_every=1000"]
+             "--gin.make_schedule.learning_rate=1e30", "--gin.CheckpointConfig.every=1000"]
 
 
 @pytest.mark.slow
 def test_nonfinite_stop_saves_the_last_good_parameters_and_names_the_step(tmp_path, capsys):
     model_dir = str(tmp_path / "run")
     code, out = _run_main(TINY_RUN + DIVERGING + [f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=20",
-                                                  "--gin.train.on_nonfinite='stop'", "--gin.train.log_every=1"], capsys)
+                                                  "--gin.LoopConfig.on_nonfinite='stop'",
+                                                  "--gin.LoopConfig.log_every=1"], capsys)
     assert code == 2, out.err
     bad_step = int(re.search(r"Non-finite loss or gradients at step (\d+)", out.err).group(1))
     assert 1 <= bad_step < 20
@@ -230,7 +231,7 @@ def test_nonfinite_stop_saves_the_last_good_parameters_and_names_the_step(tmp_pa
 def test_nonfinite_skip_counts_skipped_steps_and_finishes(tmp_path, capsys):
     model_dir = str(tmp_path / "run")
     code, out = _run_main(TINY_RUN + DIVERGING + [f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=10",
-                                                  "--gin.train.eval_every=1000"], capsys)
+                                                  "--gin.EvalConfig.every=1000"], capsys)
     assert code == 0, out.err
     train = [r for r in _jsonl(model_dir) if r["group"] == "train"]
     assert train[-1]["step"] == 10 and sum(r["skipped_steps"] for r in train) >= 5
@@ -249,15 +250,21 @@ def test_unknown_mixture_name_suggests_close_matches(tmp_path, capsys):
 
 
 def test_gin_typo_names_the_binding(tmp_path, capsys):
-    code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'", "--gin.train.num_train_stpes=3"], capsys)
+    code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'", "--gin.LoopConfig.num_train_stpes=3"], capsys)
     assert code == 2
     assert "num_train_stpes" in out.err
 
 
 def test_unknown_configurable_suggests_the_right_one(tmp_path, capsys):
-    code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'", "--gin.trian.seed=3"], capsys)
+    code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'", "--gin.TrainConfg.seed=3"], capsys)
     assert code == 2
-    assert "trian" in out.err and "train" in out.err
+    assert "TrainConfg" in out.err and "TrainConfig" in out.err
+
+
+def test_a_binding_of_the_old_train_names_its_new_home(tmp_path, capsys):
+    code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'", "--gin.train.eval_every=3"], capsys)
+    assert code == 2
+    assert "train.eval_every is now EvalConfig.every" in out.err
 
 
 def test_unwritable_model_dir_is_reported(tmp_path, capsys):
@@ -279,7 +286,7 @@ def test_feature_lengths_too_short_for_span_corruption(tmp_path, capsys):
 def test_missing_split_is_reported(tmp_path, capsys):
     # tiny Shakespeare has no "test" split: evaluating on it must say so, not evaluate nothing.
     code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}/run'",
-                                      "--gin.train.eval_mixture_or_task_name='tiny_shakespeare_span_corruption'",
-                                      "--gin.train.eval_split='test'"], capsys)
+                                      "--gin.EvalConfig.mixture_or_task_name='tiny_shakespeare_span_corruption'",
+                                      "--gin.EvalConfig.split='test'"], capsys)
     assert code == 2
     assert "test" in out.err and "tiny_shakespeare_span_corruption" in out.err

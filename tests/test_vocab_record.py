@@ -12,7 +12,7 @@ from test_eval import _gin_args, _save_random_checkpoint
 from test_train import TINY_RUN
 
 from t5lite import eval as eval_lib
-from t5lite import evaluation
+from t5lite import evaluation, run_dir
 from t5lite import infer as infer_lib
 from t5lite import train as train_lib
 from t5lite.data import vocab, vocab_record
@@ -90,7 +90,7 @@ def test_nothing_recorded_nothing_checked(tmp_path):
 
 def test_model_dir_of_a_checkpoint():
     for path in ("/r/run", "/r/run/", "/r/run/checkpoints", "/r/run/checkpoints/600", "/r/run/checkpoints/600/"):
-        assert vocab_record.model_dir_of_checkpoint(path) == "/r/run", path
+        assert run_dir.model_dir_of(path) == "/r/run", path
 
 
 def test_eval_and_infer_refuse_a_checkpoint_trained_with_another_vocabulary(tmp_path, capsys):
@@ -173,12 +173,12 @@ def test_training_refuses_to_resume_or_fine_tune_a_model_of_another_vocabulary(t
     gin.clear_config()
     fresh = str(tmp_path / "fresh")
     assert train_lib.main(TINY_RUN + [f"--gin.MODEL_DIR='{fresh}'", "--gin.TRAIN_STEPS=2",
-                                      f"--gin.train.initial_checkpoint_path='{resumed}/checkpoints/1'"]) == 2
+                                      f"--gin.CheckpointConfig.initial_checkpoint_path='{resumed}/checkpoints/1'"]) == 2
     assert f"the model in {resumed} was trained with ByteVocabulary" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(fresh, "checkpoints"))
 
     gin.clear_config()
     assert train_lib.main(TINY_RUN + [f"--gin.MODEL_DIR='{fresh}'", "--gin.TRAIN_STEPS=2",
-                                      "--gin.train.eval_mixture_or_task_name='t5lite_test_bytes'"]) == 2
+                                      "--gin.EvalConfig.mixture_or_task_name='t5lite_test_bytes'"]) == 2
     assert ("eval task 't5lite_test_bytes' tokenizes 'inputs' with ByteVocabulary of 259 ids (0 sentinels), but the "
             "training data 't5lite_default_span_corruption' uses SentencePieceVocabulary") in capsys.readouterr().err

@@ -20,6 +20,7 @@ import sys
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 
+from t5lite.data.documents import read_documents
 from t5lite.errors import UserError
 
 _SCRIPT_OR_STYLE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
@@ -154,7 +155,6 @@ def cleaning_preprocessor(cleaner: TextCleaner, feature: str = "text"):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from t5lite.data.dedup import read_documents  # noqa: PLC0415  (one reader for both CLIs)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", default=[], required=True)

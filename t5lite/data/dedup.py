@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import hashlib
 import json
 import re
 import sys
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from t5lite.data import documents as documents_lib
 from t5lite.errors import UserError, reports_user_errors
 
 _MERSENNE_31 = (1 << 31) - 1  # hash values and MinHash coefficients stay below it: a*h+b fits in uint64
@@ -153,33 +153,6 @@ def contamination(
     return ContaminationReport(eval_name, examples, contaminated, total, overlap)
 
 
-# --- Reading and writing documents ------------------------------------------------------------------
-
-def read_documents(path: str, *, separator: str = "line") -> Iterator[str]:
-    """Documents of a text file (.gz too): one per line, or blocks separated by blank lines."""
-    if separator not in ("line", "blank_line"):
-        raise UserError(f"separator={separator!r}; choose 'line' or 'blank_line'.")
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            if separator == "line":
-                yield from (line.rstrip("\n") for line in f if line.strip())
-                return
-            block: list[str] = []
-            for line in f:
-                if line.strip():
-                    block.append(line.rstrip("\n"))
-                elif block:
-                    yield "\n".join(block)
-                    block = []
-            if block:
-                yield "\n".join(block)
-    except FileNotFoundError as e:
-        raise UserError(f"Input file {path!r} does not exist.") from e
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path!r} is not UTF-8 text ({e}).") from e
-
-
 def deduplicate(documents: Sequence[str], *, mode: str, threshold: float = 0.8) -> tuple[list[str], dict]:
     """(kept documents in order, report) for mode "exact" or "near" (near also drops exact dups)."""
     if mode not in ("exact", "near"):
@@ -231,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_dedup(args) -> dict:
     if not args.input or not args.output:
         raise UserError("Dedup mode needs --input=FILE (repeatable) and --output=FILE.")
-    documents = [d for path in args.input for d in read_documents(path, separator=args.separator)]
+    documents = [d for path in args.input for d in documents_lib.read_documents(path, separator=args.separator)]
     kept, report = deduplicate(documents, mode=args.mode, threshold=args.threshold)
     joiner = "\n\n" if args.separator == "blank_line" else "\n"
     with open(args.output, "w", encoding="utf-8") as f:

@@ -17,7 +17,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5lite.data import tasks  # noqa: F401  (registers the embedded-corpus tasks)
+from t5lite.data import downstream, tasks, zero_shot  # noqa: F401  (register their seqio tasks)
 from t5lite.errors import UserError
 
 # model_type -> seqio feature converter. Output features, all int32 [batch, length]:
@@ -32,6 +32,13 @@ FEATURE_CONVERTERS: dict[str, type[seqio.FeatureConverter]] = {
     "decoder_only": seqio.LMFeatureConverter,
     "prefix_lm": seqio.PrefixLMFeatureConverter,
 }
+
+
+def model_type(is_encoder_decoder: bool, prefix_lm: bool) -> str:
+    """The FEATURE_CONVERTERS key of a model: encoder-decoder, else a prefix LM or a causal LM."""
+    if is_encoder_decoder:
+        return "encoder_decoder"
+    return "prefix_lm" if prefix_lm else "decoder_only"
 
 
 def get_batches(

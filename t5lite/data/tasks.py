@@ -9,7 +9,7 @@ Mixtures, "t5lite_default_{objective}": both corpora, each sampled in proportion
 train split's size in characters (WikiText-2 ~10x tiny Shakespeare).
 
 Preprocessing: {"text"} -> rekey to "targets" -> tokenize -> objective (preprocessors.py).
-Metrics (python -m t5lite.eval, train.infer_eval_every): lm and prefix_lm score targets (bits
+Metrics (python -m t5lite.eval, EvalConfig.infer_every): lm and prefix_lm score targets (bits
 per byte); span corruption and UL2 decode the targets (accuracy = exact match of all of them).
 Documents are tiny Shakespeare speeches and WikiText-2 articles (embedded_corpus.py).
 """
@@ -23,6 +23,9 @@ import tensorflow as tf
 from t5lite.data import embedded_corpus, metrics, preprocessors, vocab
 from t5lite.data import sources as sources_lib
 from t5lite.errors import UserError
+
+# tf.data only feeds JAX: keep TensorFlow off any GPU so it claims none of JAX's memory.
+tf.config.set_visible_devices([], "GPU")
 
 DocumentsFn = Callable[[str], tuple[str, ...]]
 
@@ -50,6 +53,19 @@ def _text_dataset(
         buffer_size = max(len(documents), 1)  # an empty split must reach get_batches' clear error
         dataset = dataset.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
     return dataset
+
+
+class EmbeddedCorpusSource(seqio.FunctionDataSource):
+    """The FunctionDataSource of the embedded corpus's documents (_text_dataset), held in memory."""
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                    shard_info: seqio.ShardInfo | None = None, **unused) -> tf.data.Dataset:
+        if shard_info and shard_info.num_shards > 1:  # as FunctionDataSource: seqio shards it with ds.shard
+            raise ValueError("EmbeddedCorpusSource does not support low-level sharding.")
+        # FunctionDataSource.get_dataset, less its "uncached FunctionDataset" warning (poor shuffling on
+        # restarts), which does not apply: the split is shuffled whole, in one buffer, every epoch, and a
+        # restart restores the tf.data iterator's state (pipeline.BatchIterator), buffer included.
+        return self._dataset_fn(split=split, shuffle_files=shuffle, seed=seed)
 
 
 def _train_characters(documents_fn: DocumentsFn, unused_task: seqio.Task) -> float:
@@ -173,7 +189,7 @@ def add_instruction_task(
     """Instruction / dialogue data: JSONL of {prompt, response}; the loss is on the response only.
 
     Encoder-decoder models read the prompt in the encoder; decoder-only models train as a prefix
-    LM (model_type "prefix_lm", train.prefix_lm=True): the prompt is the bidirectional prefix and
+    LM (model_type "prefix_lm", DataConfig.prefix_lm=True): the prompt is the bidirectional prefix and
     seqio's PrefixLMFeatureConverter gives it zero loss weight.
     """
     source = sources_lib.file_source(files, file_format="jsonl", fields=(prompt_field, response_field),
@@ -186,7 +202,7 @@ def _register_task(corpus: str, objective: str) -> None:
     documents_fn, splits = CORPORA[corpus]
     add_pretraining_task(
         f"{corpus}_{objective}",
-        seqio.FunctionDataSource(functools.partial(_text_dataset, documents_fn=documents_fn), splits=splits),
+        EmbeddedCorpusSource(functools.partial(_text_dataset, documents_fn=documents_fn), splits=splits),
         objective=objective,
     )
 
@@ -222,7 +238,7 @@ def _register_byte_level_and_tfds_tasks() -> None:
     (TFDS_DATA_DIR), like T5's C4 task, and fails with TFDS's message elsewhere.
     """
     documents_fn, splits = CORPORA["tiny_shakespeare"]
-    source = seqio.FunctionDataSource(functools.partial(_text_dataset, documents_fn=documents_fn), splits=splits)
+    source = EmbeddedCorpusSource(functools.partial(_text_dataset, documents_fn=documents_fn), splits=splits)
     for objective in ("lm", "span_corruption"):
         add_pretraining_task(f"tiny_shakespeare_bytes_{objective}", source, objective=objective,
                              vocabulary=seqio.ByteVocabulary(extra_ids=vocab.DEFAULT_EXTRA_IDS))

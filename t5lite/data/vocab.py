@@ -1,8 +1,8 @@
 """SentencePiece vocabulary: training it, and the default one shipped in the repo.
 
-The shipped t5lite/data/vocab/default.model was made with:
+The shipped t5lite/data/vocab/default.model was made with (t5lite/data/train_vocab.py):
 
-    python -m t5lite.data.vocab --output=t5lite/data/vocab/default --vocab_size=8000
+    python -m t5lite.data.train_vocab --output=t5lite/data/vocab/default --vocab_size=8000
 
 (trains on the train splits of the embedded corpus; deterministic, ~10 s on 2 CPU cores).
 
@@ -11,18 +11,14 @@ Ids follow T5: pad=0, eos=1, unk=2, no bos. seqio adds DEFAULT_EXTRA_IDS sentine
 embedding table to DEFAULT_MODEL_VOCAB_SIZE.
 """
 
-import argparse
 import functools
-import itertools
 import os
-import sys
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 import seqio
 
-from t5lite.data import embedded_corpus
-from t5lite.errors import UserError, reports_user_errors
+from t5lite.errors import UserError
 
 DEFAULT_VOCAB_PATH = os.path.join(os.path.dirname(__file__), "vocab", "default.model")
 DEFAULT_EXTRA_IDS = 100
@@ -103,14 +99,6 @@ def get_default_vocabulary() -> seqio.SentencePieceVocabulary:
     return seqio.SentencePieceVocabulary(DEFAULT_VOCAB_PATH, extra_ids=DEFAULT_EXTRA_IDS)
 
 
-def _embedded_corpus_train_texts() -> Iterable[str]:
-    """Train-split documents of tiny Shakespeare and WikiText-2 (never validation/test)."""
-    return itertools.chain(
-        embedded_corpus.tiny_shakespeare_documents("train"),
-        embedded_corpus.wikitext2_documents("train"),
-    )
-
-
 def tokens_per_character(vocabulary: seqio.Vocabulary, texts: Sequence[str]) -> float:
     """Tokens the vocabulary spends per character of `texts` (lower is a tighter vocabulary)."""
     characters = sum(len(t) for t in texts)
@@ -119,37 +107,7 @@ def tokens_per_character(vocabulary: seqio.Vocabulary, texts: Sequence[str]) -> 
     return sum(len(vocabulary.encode(t)) for t in texts) / characters
 
 
-def _task_texts(names: Sequence[str], split: str) -> list[str]:
-    from t5lite.data import pipeline  # noqa: PLC0415  (vocab.py is imported by the task registry)
-
-    return [t for name in names for task in pipeline.list_tasks_of(name) for t in pipeline.raw_texts(task, split)]
-
-
-@reports_user_errors
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", required=True, help="output prefix, e.g. t5lite/data/vocab/default")
-    parser.add_argument("--task", action="append", default=[],
-                        help="train on the 'train' split of this task or mixture (repeatable); "
-                             "default: the embedded corpus")
-    parser.add_argument("--vocab_size", type=int, default=8000)
-    parser.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
-    parser.add_argument("--character_coverage", type=float, default=1.0)
-    parser.add_argument("--no_byte_fallback", action="store_true")
-    parser.add_argument("--max_sentences", type=int, default=1_000_000)
-    args = parser.parse_args(argv)
-    texts = _task_texts(args.task, "train") if args.task else list(_embedded_corpus_train_texts())
-    path = train_sentencepiece(texts, args.output, args.vocab_size, model_type=args.model_type,
-                               character_coverage=args.character_coverage,
-                               byte_fallback=not args.no_byte_fallback, max_sentences=args.max_sentences)
-    held_out = _task_texts(args.task, "validation") if args.task else list(
-        itertools.chain(embedded_corpus.tiny_shakespeare_documents("validation"),
-                        embedded_corpus.wikitext2_documents("validation")))
-    vocabulary = seqio.SentencePieceVocabulary(path, extra_ids=DEFAULT_EXTRA_IDS)
-    print(f"wrote {path}: {vocabulary.vocab_size} ids with {DEFAULT_EXTRA_IDS} sentinels; "
-          f"{tokens_per_character(vocabulary, held_out):.4f} tokens per character on the validation text")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import sys
+
+    sys.exit("t5lite.data.vocab is a library now: train a vocabulary with python -m t5lite.data.train_vocab")

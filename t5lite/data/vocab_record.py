@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import seqio
 
-from t5lite import fileio
+from t5lite import fileio, run_dir
 from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
 
-RECORD = "vocabulary.json"
+RECORD = run_dir.VOCABULARY
 # Kept in the record to tell the reader where the vocabulary came from; not compared (a model file
 # may be moved).
 NOT_COMPARED = ("file",)
@@ -40,14 +39,6 @@ def describe(vocabulary: seqio.Vocabulary) -> dict[str, Any]:
             description["sha256"] = hashlib.sha256(f.read()).hexdigest()
         description["file"] = vocabulary.sentencepiece_model_file
     return description
-
-
-def model_dir_of_checkpoint(path: str) -> str:
-    """The MODEL_DIR of MODEL_DIR/checkpoints/<step>, or of MODEL_DIR/checkpoints."""
-    path = path.rstrip("/")
-    if os.path.basename(path).isdigit():
-        path = os.path.dirname(path)
-    return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
 
 
 def write(model_dir: str, features: Mapping[str, seqio.Feature]) -> None:
