@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from t5lite import fileio
+from t5lite import fileio, run_dir
 
 
 def format_duration(seconds: float) -> str:
@@ -123,13 +123,14 @@ class MetricsWriter:
         self.enabled = enabled
         self.model_dir = model_dir
         self._tb = {}
-        self._jsonl = fileio.open_file(os.path.join(model_dir, "metrics.jsonl"), "a") if enabled else None
+        self._jsonl = fileio.open_file(run_dir.path(model_dir, run_dir.METRICS), "a") if enabled else None
 
     def _tb_writer(self, group: str):
         import tensorflow as tf  # noqa: PLC0415  (already loaded by seqio; kept local for clarity)
 
         if group not in self._tb:
-            self._tb[group] = tf.summary.create_file_writer(os.path.join(self.model_dir, "tensorboard", group))
+            directory = os.path.join(run_dir.path(self.model_dir, run_dir.TENSORBOARD), group)
+            self._tb[group] = tf.summary.create_file_writer(directory)
         return self._tb[group]
 
     def write(self, group: str, step: int, scalars: Mapping[str, float]) -> None:
