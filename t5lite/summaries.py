@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -90,11 +91,34 @@ class Progress:
             self.print_fn(f"{self.label}: {self.done} {self.unit} in {format_duration(self.clock() - self.start)}")
 
     def track(self, iterable: Iterable) -> Iterator:
-        """Yields the items of `iterable`, counting one unit after each is processed; then finish()."""
-        for item in iterable:
-            yield item
-            self.update()
+        """Yields the items of `iterable`, counting one unit after each is processed; then finish().
+        Under stops_on_interrupt, Ctrl-C raises KeyboardInterrupt here, between two items."""
+        _Interrupt.loops += 1
+        try:
+            for item in iterable:
+                yield item
+                self.update()
+                if _Interrupt.requested:
+                    raise KeyboardInterrupt
+        finally:
+            _Interrupt.loops -= 1
         self.finish()
+
+
+class _Interrupt:
+    """Ctrl-C while a tracked loop runs stops it at its next item. Python raises KeyboardInterrupt
+    wherever the main thread is; inside an object's finalizer (tf.data iterators, jax arrays being
+    collected) it is printed and dropped, and the loop went on: seen once in a few runs under load."""
+
+    requested = False
+    loops = 0  # Progress.track loops running
+
+    @classmethod
+    def handle(cls, signum, frame) -> None:
+        if not cls.loops:
+            raise KeyboardInterrupt
+        cls.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C acts at once
 
 
 def stops_on_interrupt(message: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
@@ -105,11 +129,17 @@ def stops_on_interrupt(message: str) -> Callable[[Callable[..., int]], Callable[
     def decorate(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def wrapped(*args, **kwargs) -> int:
+            main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works there only
+            previous = signal.signal(signal.SIGINT, _Interrupt.handle) if main_thread else None
+            _Interrupt.requested = False
             try:
                 return main(*args, **kwargs)
             except KeyboardInterrupt:
                 print(message, file=sys.stderr, flush=True)
                 return 128 + signal.SIGINT
+            finally:
+                if main_thread:
+                    signal.signal(signal.SIGINT, previous)
 
         return wrapped
 

@@ -146,6 +146,26 @@ def test_ctrl_c_is_one_line_and_exit_code_130():
     assert err.getvalue() == "infer: interrupted (Ctrl-C)\n"
 
 
+def test_ctrl_c_in_a_tracked_loop_stops_it_at_the_next_item():
+    """The SIGINT handler only marks the request (a KeyboardInterrupt raised inside a finalizer would be
+    dropped); the loop raises it between two items, and the entry point exits with 130."""
+    seen, before = [], signal.getsignal(signal.SIGINT)
+
+    @summaries.stops_on_interrupt("infer: interrupted (Ctrl-C)")
+    def main(argv=None):
+        for i in summaries.Progress("loop", total=10, enabled=False).track(range(10)):
+            seen.append(i)
+            if i == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return 0
+
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert main() == 130
+    assert seen == [0, 1, 2, 3]
+    assert signal.getsignal(signal.SIGINT) is before  # the runner's handler is back
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_inference_within_seconds(tmp_path):
     """SIGINT while `python -m t5lite.infer` decodes: it exits within seconds with code 130 and one line,
