@@ -122,11 +122,12 @@ def compile_train_step(devices: Sequence[jax.Device], config: TransformerConfig)
 
 def compile_decode(devices: Sequence[jax.Device], config: TransformerConfig) -> tuple[jax.stages.Compiled, ...]:
     """(split per layer, predict) as t5lite.eval / infer run them on these devices, compiled from shapes."""
-    data, preset = DataConfig(), TrainConfig().partitioning_preset
+    run = TrainConfig()
+    data = run.data
     model = Model(config)
     lengths = dict(data.task_feature_lengths)
     mesh = partitioning.make_mesh(devices=devices)
-    rules = partitioning.axis_rules(preset)
+    rules = partitioning.axis_rules(run.partitioning_preset)
     partitioning.check_batch_size(data.batch_size, mesh)
     run = inference.BatchInference(
         model, mesh, rules, batch_size=data.batch_size, bidirectional_prompt=data.prefix_lm,

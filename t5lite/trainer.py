@@ -240,11 +240,9 @@ def abstract_params(model: Model, mesh: Mesh, rules, adaptation: adaptation_lib.
     adaptation = adaptation or adaptation_lib.FullAdaptation()
     input_shapes = model.input_shapes(1, {"inputs": 8, "targets": 8})  # the params do not depend on them
 
-    def state_params(rng):
-        return adaptation.adapt(nn.unbox(model.init(rng, input_shapes)["params"]), rng)
-
-    boxed_shapes = jax.eval_shape(lambda rng: model.init(rng, input_shapes)["params"], jax.random.PRNGKey(0))
-    shapes = jax.eval_shape(state_params, jax.random.PRNGKey(0))
+    rng = jax.random.PRNGKey(0)
+    boxed_shapes = jax.eval_shape(lambda r: model.init(r, input_shapes)["params"], rng)
+    shapes = jax.eval_shape(adaptation.adapt, nn.unbox(boxed_shapes), rng)  # the model is traced once
     shardings = adaptation.state_shardings(boxed_shapes, shapes, mesh, rules)
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
