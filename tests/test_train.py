@@ -261,6 +261,18 @@ def test_unknown_configurable_suggests_the_right_one(tmp_path, capsys):
     assert "TrainConfg" in out.err and "TrainConfig" in out.err
 
 
+@pytest.mark.parametrize("binding, message", [
+    ("--gin.LoopConfig.log_every=0", "LoopConfig.log_every must be a positive integer, got 0"),
+    ("--gin.EvalConfig.every=0", "EvalConfig.every must be a positive integer, got 0"),
+    ("--gin.TRAIN_STEPS=-5", "LoopConfig.num_train_steps must be a positive integer, got -5"),
+    ("--gin.LoopConfig.num_microbatches=3", "num_microbatches=3 does not divide DataConfig.batch_size=8"),
+])
+def test_a_run_config_that_cannot_work_is_one_line_before_training(tmp_path, capsys, binding, message):
+    code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'", binding], capsys)
+    assert code == 2
+    assert message in out.err and "Traceback" not in out.err
+
+
 def test_a_binding_of_the_old_train_names_its_new_home(tmp_path, capsys):
     code, out = _run_main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'", "--gin.train.eval_every=3"], capsys)
     assert code == 2
