@@ -3,6 +3,8 @@
 Layout of MODEL_DIR/checkpoints/<step>/:
     state/           the TrainState (step, params, optimizer state), sharded arrays
     data_iterator/   process_<i>-of-<n>.{index,data-*}: process i's input-pipeline position
+    checksums.json   the size and SHA-256 of every file of both items (written once the step is
+                     committed; verified before every restore)
 Orbax writes a step into a temporary directory and renames it once every item of every process
 is complete, so a step directory is a whole checkpoint (a crash mid-save leaves only a
 *.orbax-checkpoint-tmp-* directory, which is ignored). Saves run in the background: training
@@ -11,12 +13,18 @@ close). Kept: the last `keep` steps, the best step by a monitored eval metric (i
 pinned steps (a file PINNED in the step directory: Checkpointer.pin(step) or `touch`); orbax
 deletes older steps only after a newer save has committed, so the newest good checkpoint is never
 collected. A checkpoint that is complete but unreadable (truncated or damaged files) is renamed
-<step>.unreadable by restore_latest(), with a warning, and the one before it is used.
+<step>.unreadable by restore_latest(), with a warning naming the damaged file, and the one
+before it is used. A damaged checkpoint is one whose files differ from its checksums.json (bit
+flips keep a file's size), one that lacks a file, or one whose parameters are not finite: orbax
+and tensorstore check none of these (zarr's CRC covers only a shard's index).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import os
 import re
 import sys
@@ -25,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -35,8 +44,86 @@ from t5lite.errors import UserError
 STATE = "state"
 DATA_ITERATOR = "data_iterator"
 PINNED = "PINNED"
-# How a full disk, a permission problem or a vanished directory surface from orbax and tensorstore.
+CHECKSUMS = "checksums.json"
+# How a full disk, a permission problem or a vanished directory surface from orbax and tensorstore
+# (TensorFlow's errors, from the input-pipeline position, are turned into OSError below).
 WRITE_ERRORS = (OSError, RuntimeError, ValueError)
+
+
+class _ReportedWriteErrors(logging.Filter):
+    """Drops orbax's own log records (with tracebacks, from its background threads) of a failed write:
+    Checkpointer reports each failed save in one line (step, directory, free and needed space)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("orbax" in record.pathname and isinstance(error, OSError))
+
+
+logging.getLogger("absl").addFilter(_ReportedWriteErrors())
+
+
+class DamagedCheckpoint(Exception):
+    """A committed checkpoint whose files or values are not what was saved (see the module docstring)."""
+
+
+# --- Integrity: checksums.json and finite parameters ------------------------------------------------------
+
+
+def _sha256(path: str) -> tuple[str, int]:
+    """(SHA-256 hex digest, size in bytes) of a file."""
+    digest, size = hashlib.sha256(), 0
+    with fileio.open_file(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def write_checksums(step_dir: str) -> None:
+    """Writes step_dir/checksums.json: {relative path: {"bytes", "sha256"}} of every file of its items."""
+    files = {}
+    for item in (STATE, DATA_ITERATOR):
+        item_dir = os.path.join(step_dir, item)
+        if fileio.isdir(item_dir):
+            for name in fileio.files_under(item_dir):
+                digest, size = _sha256(os.path.join(item_dir, name))
+                files[f"{item}/{name}"] = {"bytes": size, "sha256": digest}
+    temporary = os.path.join(step_dir, CHECKSUMS + ".tmp")
+    with fileio.open_file(temporary, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+    fileio.rename(temporary, os.path.join(step_dir, CHECKSUMS))  # whole or absent
+
+
+def verify_checksums(step_dir: str) -> bool:
+    """Raises DamagedCheckpoint naming the first file that is missing or differs from checksums.json;
+    -> False if the step has no checksums.json (saved before t5lite wrote them, or a crash came
+    between the commit and the checksums), True if every file matched."""
+    path = os.path.join(step_dir, CHECKSUMS)
+    if not fileio.exists(path):
+        return False
+    try:
+        with fileio.open_file(path) as f:
+            files = json.load(f)["files"]
+    except (ValueError, KeyError) as e:
+        raise DamagedCheckpoint(f"{path} is not readable JSON ({e})") from e
+    for name, expected in files.items():
+        file_path = os.path.join(step_dir, name)
+        if not fileio.exists(file_path):
+            raise DamagedCheckpoint(f"{name} is missing")
+        if _sha256(file_path)[0] != expected["sha256"]:
+            raise DamagedCheckpoint(f"{name} differs from the bytes saved (SHA-256 mismatch)")
+    return True
+
+
+def nonfinite_values(tree: Any) -> jax.Array:
+    """How many values of a pytree of arrays are NaN or infinite (traceable: jit it for big states)."""
+    counts = [jnp.size(x) - jnp.sum(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return sum(counts, jnp.zeros((), jnp.int32))
+
+
+def count_nonfinite(tree: Any) -> int:
+    return int(nonfinite_values(tree))
 
 
 class CheckpointableIterator(Protocol):
@@ -58,7 +145,11 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     """
 
     def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
-        args.iterator.save(_process_prefix(directory))
+        prefix = _process_prefix(directory)
+        try:
+            args.iterator.save(prefix)
+        except fileio.ERRORS as e:  # TensorFlow writes it: a full disk is a ResourceExhaustedError
+            raise OSError(f"writing the input-pipeline position {prefix}: {getattr(e, 'message', e)}") from e
 
     def restore(self, directory: epath.Path, args: DataIteratorRestore) -> CheckpointableIterator:
         prefix = _process_prefix(directory)
@@ -103,12 +194,19 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, save_every: int, keep: int | None = 3, async_save: bool = True,
-                 best_metric: str | None = None, best_mode: str = "min"):
+                 best_metric: str | None = None, best_mode: str = "min", checksums: bool = True,
+                 bytes_per_save: int | None = None):
         self.directory = fileio.absolute(directory)
         self.save_every = save_every
+        self.checksums = checksums
+        self.bytes_per_save = bytes_per_save  # for the message of a failed save (a full disk)
         self._step_in_flight: int | None = None
+        self._without_checksums: list[int] = []  # saved, checksums.json not yet written
         if best_mode not in ("min", "max"):
             raise UserError(f"The best checkpoint's mode must be 'min' or 'max', got {best_mode!r}.")
+        if keep is not None and keep < 1:
+            raise UserError(f"CheckpointConfig.keep={keep} would delete the run's newest checkpoint; keep at least "
+                            "1 (None keeps every checkpoint).")
         policies = [ocp.checkpoint_managers.LatestN(n=keep), PinnedSteps(self.directory)]
         if best_metric is not None:
             policies.append(ocp.checkpoint_managers.BestN(
@@ -141,17 +239,20 @@ class Checkpointer:
         `metrics` (e.g. this step's eval) rank the step for the best-checkpoint policy."""
         if not force and step % self.save_every:
             return False
+        self.wait()  # the previous save's outcome is reported under its own step, then checksummed
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items[DATA_ITERATOR] = DataIteratorSave(data_iterator)
+        self._step_in_flight = step
         try:
             started = self._manager.save(step, args=ocp.args.Composite(**items), force=True,
                                          metrics=dict(metrics) if metrics else None)
-            self._step_in_flight = step
-            return started
-        except WRITE_ERRORS as e:  # also a failed background write of the previous save
+        except WRITE_ERRORS as e:
             self._report_write_error(step, e)
             return False
+        if started:
+            self._without_checksums.append(step)
+        return started
 
     def save_until_written(self, step: int, state: Any, data_iterator: CheckpointableIterator | None = None, *,
                            retry_every_s: float = 30.0) -> None:
@@ -208,25 +309,46 @@ class Checkpointer:
             return state, step
         if failures:
             step, error = failures[0]
-            raise self._mismatch_error(step, error) from error
+            raise self._mismatch_error(step, error, newest_of_all=True) from error
         return None
 
     def saving_in_progress(self) -> bool:
         return self._manager.is_saving_in_progress()
 
     def wait(self) -> bool:
-        """Blocks until the save in flight is written; returns False (after reporting it) if it failed."""
+        """Blocks until the save in flight is written (and checksummed); returns False (after
+        reporting it) if it failed."""
         try:
             self._manager.wait_until_finished()
         except WRITE_ERRORS as e:
             self._report_write_error(self._step_in_flight, e)
+            self._without_checksums = [s for s in self._without_checksums if s != self._step_in_flight]
             return False
-        return True
+        return self._write_checksums()
 
     def close(self) -> None:
+        self.wait()
         self._manager.close()
 
+    def _write_checksums(self) -> bool:
+        """checksums.json for the committed steps that lack it (the chief writes them)."""
+        committed = set(self.all_steps())
+        pending, self._without_checksums = self._without_checksums, []
+        for step in pending:
+            if step not in committed or not self.checksums or jax.process_index() != 0:
+                continue
+            try:
+                write_checksums(os.path.join(self.directory, str(step)))
+            except fileio.ERRORS as e:
+                self._report_write_error(step, e, what="its checksums.json (the checkpoint itself is whole)")
+                return False
+        return True
+
     def _restore(self, step: int, abstract_state: Any, data_iterator: CheckpointableIterator | None) -> Any:
+        step_dir = os.path.join(self.directory, str(step))
+        verify_checksums(step_dir)
+        if not fileio.exists(os.path.join(step_dir, STATE, "_METADATA")):
+            raise DamagedCheckpoint(f"{STATE}/_METADATA is missing")
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             if fileio.isdir(os.path.join(self.directory, str(step), DATA_ITERATOR)):
@@ -234,28 +356,52 @@ class Checkpointer:
             else:
                 print(f"WARNING: checkpoint {self.directory}/{step} holds no input-pipeline position; the data "
                       "stream starts from its beginning.", file=sys.stderr, flush=True)
-        return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+        state = self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+        params = getattr(state, "params", state.get("params", state) if isinstance(state, Mapping) else state)
+        if bad := count_nonfinite(params):
+            raise DamagedCheckpoint(f"{bad:,} of its parameter values are NaN or infinite")
+        return state
 
     def _set_aside(self, step: int, error: Exception, *, used_step: int) -> None:
         path = os.path.join(self.directory, str(step))
-        print(f"WARNING: checkpoint {path} is unreadable ({type(error).__name__}: {_first_line(error)}); "
-              f"using step {used_step} and renaming it {path}.unreadable", file=sys.stderr, flush=True)
+        print(f"WARNING: checkpoint {path} is {_what_is_wrong(error)}; using step {used_step} and renaming it "
+              f"{path}.unreadable", file=sys.stderr, flush=True)
         if jax.process_index() == 0:
             fileio.rename(path, _unused_path(path + ".unreadable"))
         ocp.multihost.sync_global_processes(f"t5lite_set_aside_{step}")
         self._manager.reload()
 
-    def _report_write_error(self, step: int | None, error: Exception) -> None:
-        print(f"ERROR: a checkpoint save (step {step}) to {self.directory} failed ({type(error).__name__}: "
-              f"{_first_line(error)}). Training goes on with the state in memory and the next save retries: "
-              "free disk space or fix the directory's permissions.", file=sys.stderr, flush=True)
+    def _report_write_error(self, step: int | None, error: Exception, what: str = "") -> None:
+        space = ""
+        free = fileio.free_bytes(self.directory)
+        if free is not None:
+            space = f" The disk has {_mb(free)} free" + (
+                f"; a checkpoint needs about {_mb(self.bytes_per_save)}." if self.bytes_per_save else ".")
+        print(f"ERROR: saving checkpoint step {step} {what}to {self.directory} failed ({type(error).__name__}: "
+              f"{_first_line(error)}).{space} Training goes on with the state in memory and the next save "
+              "retries: free disk space or fix the directory's permissions.", file=sys.stderr, flush=True)
 
-    def _mismatch_error(self, step: int, error: Exception) -> UserError:
+    def _mismatch_error(self, step: int, error: Exception, *, newest_of_all: bool = False) -> UserError:
+        if isinstance(error, DamagedCheckpoint):
+            every = (f" Every checkpoint in {self.directory} is damaged or unreadable; nothing was renamed or "
+                     "deleted. Restore them from a copy, or move the directory away to train from scratch."
+                     if newest_of_all else " Restore it from a copy, or use another step.")
+            return UserError(f"Checkpoint {self.directory}/{step} is damaged: {error}.{every}")
         return UserError(
             f"Checkpoint {self.directory}/{step} cannot be restored into the configured model and optimizer "
             f"({type(error).__name__}: {_first_line(error)}). Use a new MODEL_DIR, or the gin settings the "
             "checkpoint was written with."
         )
+
+
+def _what_is_wrong(error: Exception) -> str:
+    if isinstance(error, DamagedCheckpoint):
+        return f"damaged: {error}"
+    return f"unreadable ({type(error).__name__}: {_first_line(error)})"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 def _first_line(error: Exception) -> str:
@@ -278,11 +424,20 @@ def read_params(checkpoint: str) -> dict:
     if not fileio.isdir(path):
         raise UserError(f"{checkpoint} is not a t5lite checkpoint (no {STATE}/ inside); pass "
                         "MODEL_DIR/checkpoints/<step>.")
+    try:
+        verify_checksums(os.path.dirname(path))
+        if not fileio.exists(os.path.join(path, "_METADATA")):
+            raise DamagedCheckpoint(f"{STATE}/_METADATA is missing")
+    except DamagedCheckpoint as e:
+        raise UserError(f"Checkpoint {checkpoint} is damaged: {e}. Use another step of the run.") from e
     with ocp.PyTreeCheckpointer() as checkpointer:
         params_metadata = {"params": checkpointer.metadata(path).item_metadata.tree["params"]}
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_metadata)
         restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
             item=params_metadata, restore_args=restore_args, partial_restore=True))
+    if bad := count_nonfinite(restored["params"]):
+        raise UserError(f"Checkpoint {checkpoint} is damaged: {bad:,} of its parameter values are NaN or infinite. "
+                        "Use an earlier step of the run.")
     return restored["params"]
 
 

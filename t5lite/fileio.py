@@ -9,6 +9,7 @@ goes through these functions.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import uuid
 from typing import IO
@@ -87,6 +88,28 @@ def remove(path: str) -> None:
         _gfile().remove(path)
     else:
         os.remove(path)
+
+
+def files_under(path: str) -> list[str]:
+    """Every file below directory `path`, as sorted "/"-separated paths relative to it."""
+    if is_remote(path):
+        walked = ((root, files) for root, _, files in _gfile().walk(path))
+    else:
+        walked = ((root, files) for root, _, files in os.walk(path))
+    found = []
+    for root, files in walked:
+        relative = os.path.relpath(root, path) if not is_remote(path) else root[len(path):].strip("/")
+        found += [name if relative in ("", ".") else f"{relative}/{name}" for name in files]
+    return sorted(found)
+
+
+def free_bytes(path: str) -> int | None:
+    """Free bytes on the local disk holding `path` (its nearest existing parent); None for buckets."""
+    if is_remote(path):
+        return None
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
 
 
 def rename(source: str, destination: str) -> None:

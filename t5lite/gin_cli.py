@@ -16,6 +16,7 @@ GinConfigError that names the problem, instead of a deep traceback.
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import logging
 import os
@@ -129,7 +130,25 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
         except (ValueError, KeyError, OSError, SyntaxError, ImportError) as e:
             if _is_ast_thread_race(e) and attempt < 2:
                 continue  # the same files and bindings again: parsing is idempotent
-            raise GinConfigError(_explain(e)) from e
+            raise GinConfigError(_unquoted_string(bindings) if isinstance(e, SyntaxError) and _unquoted_string(bindings)
+                                 else _explain(e)) from e
+
+
+def _unquoted_string(bindings: Sequence[str]) -> str | None:
+    """The message for a binding whose value is a bare word such as runs/x (the shell ate its quotes)."""
+    for binding in bindings:
+        name, _, value = binding.partition("=")
+        value = value.strip()
+        if not value or value[0] in "%@" or value in ("True", "False", "None"):
+            continue  # a macro, a configurable reference or a constant gin parses itself
+        try:
+            ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            name = name.strip()
+            return (f"gin cannot parse --gin.{name}={value}: the value is not a Python literal. A string "
+                    f"needs quotes that reach gin past the shell: --gin.{name}=\\\"{value}\\\" or "
+                    f"--gin.{name}=\"'{value}'\".")
+    return None
 
 
 def parse_run_config(path: str) -> None:

@@ -117,6 +117,17 @@ def read_task(
     return examples, vocabulary
 
 
+def _check_output_path(output_path: str) -> None:
+    """Creates output_path's directory; a path that cannot be a file there is a UserError, before decoding."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+        with open(output_path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise UserError(f"infer.output_path {output_path!r} cannot be written ({e.strerror}): choose a file path "
+                        "whose directories are directories.") from e
+
+
 def completed_records(output_path: str) -> int:
     """Complete JSON lines already in output_path; a torn last line (a killed run) is cut off."""
     if not os.path.exists(output_path):
@@ -203,7 +214,7 @@ def infer(
     # Process 0 owns the output; every process decodes the same batches (its share of each).
     is_chief = jax.process_index() == 0
     if is_chief:
-        os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+        _check_output_path(output_path)
     done = distributed.agree(completed_records(output_path) if is_chief else 0)
     todo = list(enumerate(examples))[done:]  # (index in the whole input, example)
     if is_chief:

@@ -106,7 +106,10 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """A checkpoint every `every` steps and at the end; kept: the last `keep`, pinned ones, and with
-    `best_metric` (an eval metric averaged over the eval tasks, e.g. "loss") the best by `best_mode`.
+    `best_metric` (an eval metric averaged over the eval tasks, e.g. "loss") the best by `best_mode`;
+    keep=None keeps every checkpoint. checksums: write checkpoints/<step>/checksums.json and verify
+    it before restoring. A failed save (a full disk) is retried at the next save; the final one
+    every `retry_every_s` seconds until it is written (Ctrl-C gives up).
     initial_checkpoint_path (fine-tuning, when MODEL_DIR has no checkpoint to resume): the params of
     a .../checkpoints/<step> directory, renamed by `initial_checkpoint_rename` ({regex over its
     parameter names: replacement}); steps count on from its step."""
@@ -117,9 +120,15 @@ class CheckpointConfig:
     best_mode: str = "min"
     initial_checkpoint_path: str | None = None
     initial_checkpoint_rename: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    checksums: bool = True
+    retry_every_s: float = 30.0
 
     def __post_init__(self):
         _check_positive(self, "every")
+        if self.keep is not None:
+            _check_positive(self, "keep", hint="None keeps every checkpoint; fewer than 1 would delete the newest")
+        if not self.retry_every_s > 0:
+            raise UserError(f"CheckpointConfig.retry_every_s must be positive, got {self.retry_every_s!r}.")
 
 
 @gin.configurable
@@ -141,10 +150,11 @@ class TrainConfig:
         return self.evals.mixture_or_task_name or self.data.mixture_or_task_name
 
 
-def _check_positive(config, name: str) -> None:
+def _check_positive(config, name: str, hint: str = "") -> None:
     value = getattr(config, name)
     if not isinstance(value, int) or value < 1:
-        raise UserError(f"{type(config).__name__}.{name} must be a positive integer, got {value!r}.")
+        raise UserError(f"{type(config).__name__}.{name} must be a positive integer, got {value!r}"
+                        + (f" ({hint})." if hint else "."))
 
 
 # Bindings of the train() of t5lite before 2026-12-07, and their names now: gin_cli names the new

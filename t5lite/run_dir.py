@@ -4,10 +4,11 @@
       config.gin             every gin binding as parsed (files + --gin. flags)
       operative_config.gin   every parameter value the run used, defaults included
       model-info.txt         model config, parameter table with shardings
-      metrics.jsonl          train and eval metrics, one JSON object a line
+      metrics.jsonl          train and eval metrics, one JSON object a line, one per group and step
+      metrics.superseded.jsonl  rows of steps a crashed attempt wrote past its last checkpoint (re-run)
       tensorboard/<group>/   the same metrics as TensorBoard events
       vocabulary.json        the vocabulary of each feature (t5lite.data.vocab_record)
-      checkpoints/<step>/    orbax checkpoints (t5lite.checkpoints)
+      checkpoints/<step>/    orbax checkpoints and their checksums.json (t5lite.checkpoints)
       eval_results.json      the final evaluation of `python -m t5lite.train`
       eval/step_<step>.json  evaluations of `python -m t5lite.eval`
       profile/               jax.profiler traces (--profile_steps)
@@ -25,6 +26,7 @@ CONFIG = "config.gin"
 OPERATIVE_CONFIG = "operative_config.gin"
 MODEL_INFO = "model-info.txt"
 METRICS = "metrics.jsonl"
+METRICS_SUPERSEDED = "metrics.superseded.jsonl"
 TENSORBOARD = "tensorboard"
 VOCABULARY = "vocabulary.json"
 CHECKPOINTS = "checkpoints"

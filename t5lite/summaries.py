@@ -147,13 +147,41 @@ def stops_on_interrupt(message: str) -> Callable[[Callable[..., int]], Callable[
 
 
 class MetricsWriter:
-    """Writes scalars to MODEL_DIR/tensorboard/<group> and MODEL_DIR/metrics.jsonl."""
+    """Writes scalars to MODEL_DIR/tensorboard/<group> and MODEL_DIR/metrics.jsonl.
 
-    def __init__(self, model_dir: str, enabled: bool = True):
+    resumed_at: the step a resumed run starts from. The rows of later steps (written by the attempt
+    that crashed, and about to be re-run) move to metrics.superseded.jsonl, so metrics.jsonl holds
+    one row per group and step. A write that fails (a full disk) is one line on stderr; its rows are
+    kept and written with the next ones, and training goes on.
+    """
+
+    def __init__(self, model_dir: str, enabled: bool = True, resumed_at: int | None = None):
         self.enabled = enabled
         self.model_dir = model_dir
+        self.path = run_dir.path(model_dir, run_dir.METRICS)
         self._tb = {}
-        self._jsonl = fileio.open_file(run_dir.path(model_dir, run_dir.METRICS), "a") if enabled else None
+        self._unwritten: list[str] = []
+        self._failing = False
+        if enabled and resumed_at is not None and fileio.exists(self.path):
+            self._set_aside_rows_after(resumed_at)
+
+    def _set_aside_rows_after(self, step: int) -> None:
+        with fileio.open_file(self.path) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        keep, later = [], []
+        for line in lines:
+            try:
+                (later if json.loads(line).get("step", 0) > step else keep).append(line)
+            except ValueError:  # a row cut short by the crash
+                later.append(line)
+        if not later:
+            return
+        with fileio.open_file(run_dir.path(self.model_dir, run_dir.METRICS_SUPERSEDED), "a") as f:
+            f.write("".join(line + "\n" for line in later))
+        temporary = self.path + ".tmp"
+        with fileio.open_file(temporary, "w") as f:
+            f.write("".join(line + "\n" for line in keep))
+        fileio.rename(temporary, self.path)
 
     def _tb_writer(self, group: str):
         import tensorflow as tf  # noqa: PLC0415  (already loaded by seqio; kept local for clarity)
@@ -168,16 +196,38 @@ class MetricsWriter:
             return
         import tensorflow as tf  # noqa: PLC0415
 
-        with self._tb_writer(group).as_default():
-            for name, value in scalars.items():
-                tf.summary.scalar(name, float(value), step=step)
         record = {"group": group, "step": step, **{k: float(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._unwritten.append(json.dumps(record) + "\n")
+        try:
+            with self._tb_writer(group).as_default():
+                for name, value in scalars.items():
+                    tf.summary.scalar(name, float(value), step=step)
+            with fileio.open_file(self.path, "a") as f:
+                f.write("".join(self._unwritten))
+            self._unwritten = []
+            self._failing = False
+        except fileio.ERRORS as e:
+            if not self._failing:  # one line per run of failures, not one per step
+                free = fileio.free_bytes(self.path)
+                print(f"ERROR: cannot write the metrics of step {step} to {self.path} or "
+                      f"{run_dir.TENSORBOARD}/: {getattr(e, 'strerror', None) or e}"
+                      + (f" (the disk has {free / 1e6:,.1f} MB free)" if free is not None else "")
+                      + ". They are kept in memory and written once writing works; training goes on.",
+                      file=sys.stderr, flush=True)
+            self._failing = True
 
     def close(self) -> None:
+        if self._unwritten:  # rows a failing disk held back: one more try now
+            try:
+                with fileio.open_file(self.path, "a") as f:
+                    f.write("".join(self._unwritten))
+                self._unwritten = []
+            except fileio.ERRORS as e:
+                print(f"ERROR: {len(self._unwritten)} metrics rows could not be written to {self.path}: "
+                      f"{getattr(e, 'strerror', None) or e}.", file=sys.stderr, flush=True)
         for w in self._tb.values():
-            w.flush()
-            w.close()
-        if self._jsonl:
-            self._jsonl.close()
+            try:
+                w.flush()
+                w.close()
+            except fileio.ERRORS:
+                pass  # reported by write()

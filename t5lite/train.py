@@ -74,10 +74,40 @@ def ensure_writable_dir(path: str) -> str:
     return path
 
 
+def _space_note(path: str) -> str:
+    free = fileio.free_bytes(path)
+    return f" (the disk has {free / 1e6:,.1f} MB free)" if free is not None else ""
+
+
+def before_training(path: str, write) -> None:
+    """Runs write() (which writes `path`); a failure stops the run before any compute, in one line."""
+    try:
+        write()
+    except fileio.ERRORS as e:
+        raise UserError(f"Cannot write {path}: {getattr(e, 'strerror', None) or e}{_space_note(path)}. Nothing was "
+                        "trained; free disk space or choose another MODEL_DIR, and run the same command.") from e
+
+
+def after_training(path: str, write) -> bool:
+    """Runs write() (which writes `path`); a failure is one line on stderr and the run goes on."""
+    try:
+        write()
+        return True
+    except fileio.ERRORS as e:
+        print(f"ERROR: cannot write {path}: {getattr(e, 'strerror', None) or e}{_space_note(path)}. The "
+              "checkpoints are not affected; the run goes on.", file=sys.stderr, flush=True)
+        return False
+
+
 def write_operative_config(model_dir: str) -> None:
     """MODEL_DIR/operative_config.gin: every parameter value the run has used, defaults included."""
-    with fileio.open_file(run_dir.path(model_dir, run_dir.OPERATIVE_CONFIG), "w") as f:
-        f.write(gin.operative_config_str())
+    path = run_dir.path(model_dir, run_dir.OPERATIVE_CONFIG)
+
+    def write():
+        with fileio.open_file(path, "w") as f:
+            f.write(gin.operative_config_str())
+
+    after_training(path, write)
 
 
 def write_model_info(path: str, config: TransformerConfig, rows: Sequence[Mapping[str, Any]], mesh, rules,
@@ -148,8 +178,9 @@ def describe_program(run: TrainConfig, config: TransformerConfig, program: train
     if not is_chief:
         return sum(int(np.prod(r["shape"])) for r in rows)
     print("\n".join(lines), flush=True)
-    return write_model_info(run_dir.path(model_dir, run_dir.MODEL_INFO), config, rows, program.mesh, program.rules,
-                            lines)
+    path = run_dir.path(model_dir, run_dir.MODEL_INFO)
+    before_training(path, lambda: write_model_info(path, config, rows, program.mesh, program.rules, lines))
+    return sum(int(np.prod(r["shape"])) for r in rows)
 
 
 @dataclasses.dataclass
@@ -176,7 +207,9 @@ class TrainLoop:
         self.once: dict[str, float] = {}  # logged with the first interval only
         self.pending_metrics: list = []
         self.eval_results: dict[str, dict[str, float]] = {}
-        self.nonfinite_step: int | None = None
+        self.nonfinite_step: int | None = None  # on_nonfinite='stop': the step whose update was not applied
+        self.nonfinite_params_step: int | None = None  # the parameters were not finite here (nothing saved)
+        self.nonfinite_params = jax.jit(checkpoints.nonfinite_values)
         self.stop_request = preemption.StopRequest()
         self.preempted = False
         self.start_step = int(self.state.step)
@@ -203,8 +236,8 @@ class TrainLoop:
                     self.timer.exclude(self.evaluator.last_seconds)  # eval time is not training time
                     if evaluated is not None:
                         self.eval_results = evaluated
-                self.ckpt.save(done, self.state, self.train_batches, force=stop or done == self.num_train_steps,
-                               metrics=evaluation.mean_over_tasks(evaluated) if evaluated else None)
+                stop = self.checkpoint(done, force=stop or done == self.num_train_steps,
+                                       metrics=evaluation.mean_over_tasks(evaluated) if evaluated else None) or stop
                 if stop:
                     break
         self.profiler.stop()
@@ -246,6 +279,22 @@ class TrainLoop:
         self.writer.write("train", done, {**means, **rates})
         self.pending_metrics = []
 
+    def checkpoint(self, done: int, *, force: bool, metrics: Mapping[str, float] | None) -> bool:
+        """Saves every CheckpointConfig.every steps (or if force), never parameters that are not finite
+        (the checkpoints with finite ones stay, none is rotated out); -> stop the run? (the parameters
+        are not finite: no later step can be applied)."""
+        if not force and done % self.run.checkpoints.every:
+            return False
+        if bad := int(self.nonfinite_params(self.state.params)):
+            self.nonfinite_params_step = done
+            if self.is_chief:
+                print(f"ERROR: {bad:,} parameter values are NaN or infinite at step {done}: not saved, so the "
+                      f"checkpoints in {self.ckpt.directory} (newest: step {self.ckpt.latest_step()}) keep finite "
+                      "parameters. Every later step would be skipped; stopping.", file=sys.stderr, flush=True)
+            return True
+        self.ckpt.save(done, self.state, self.train_batches, force=True, metrics=metrics)
+        return False
+
     def check_stop(self, done: int, metrics) -> bool:
         """A non-finite step with on_nonfinite='stop', or a preemption signal, ends the run here."""
         if self.run.loop.on_nonfinite == "stop" and float(metrics["update_skipped"]):  # waits for this step
@@ -260,10 +309,19 @@ class TrainLoop:
         if self.start_step >= self.num_train_steps:  # nothing to train: evaluate what is there
             self.eval_results = evaluation.teacher_forced_eval(self.evaluator.eval_step, self.state.params,
                                                                self.evaluator.eval_batches, self.program.mesh)
-        else:
-            self.ckpt.save_until_written(step, self.state, self.train_batches)
+        elif self.nonfinite_params_step is None:
+            self.ckpt.save_until_written(step, self.state, self.train_batches,
+                                         retry_every_s=self.run.checkpoints.retry_every_s)
         self.ckpt.close()
         self.writer.close()
+        if self.nonfinite_params_step is not None:
+            latest = self.ckpt.latest_step()
+            since = f"step {latest}" if latest is not None else "the start (no checkpoint was saved)"
+            raise UserError(
+                f"The parameters became NaN or infinite after {since} (found at step {self.nonfinite_params_step}): "
+                "an update overflowed, most likely from too high a learning rate. No checkpoint holds them. "
+                "Lower the learning rate (make_schedule.learning_rate) and run the same command"
+                + (f" to continue from step {latest}." if latest is not None else "."))
         if self.nonfinite_step is not None:
             raise UserError(
                 f"Non-finite loss or gradients at step {self.nonfinite_step} (LoopConfig.on_nonfinite='stop'). Its "
@@ -276,8 +334,13 @@ class TrainLoop:
                   f"{self.ckpt.directory}. Run the same command to resume.", flush=True)
             return TrainResult(self.model_dir, step, self.eval_results, exit_code=self.stop_request.exit_code)
         if self.is_chief:
-            with fileio.open_file(run_dir.path(self.model_dir, run_dir.EVAL_RESULTS), "w") as f:
-                json.dump({"step": step, "tasks": self.eval_results}, f, indent=2)
+            path = run_dir.path(self.model_dir, run_dir.EVAL_RESULTS)
+
+            def write():
+                with fileio.open_file(path, "w") as f:
+                    json.dump({"step": step, "tasks": self.eval_results}, f, indent=2)
+
+            after_training(path, write)
         return TrainResult(self.model_dir, step, self.eval_results)
 
 
@@ -331,11 +394,14 @@ def train(run: TrainConfig) -> TrainResult:
         shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()))
     ckpt = checkpoints.Checkpointer(run_dir.checkpoints_dir(model_dir), save_every=run.checkpoints.every,
                                     keep=run.checkpoints.keep, best_metric=run.checkpoints.best_metric,
-                                    best_mode=run.checkpoints.best_mode)
+                                    best_mode=run.checkpoints.best_mode, checksums=run.checkpoints.checksums,
+                                    bytes_per_save=_bytes(program.init.abstract_state))
     state = restore_or_init(run, program, ckpt, train_batches)
 
     # --- Evaluation and outputs ---------------------------------------------------------------------
-    writer = MetricsWriter(model_dir, enabled=is_chief)
+    # A resumed run re-runs the steps after its checkpoint: their rows of the attempt that crashed move
+    # to metrics.superseded.jsonl, so metrics.jsonl stays one row per step.
+    writer = MetricsWriter(model_dir, enabled=is_chief, resumed_at=ckpt.latest_step())
     eval_step = trainer.jit_eval_step(program.model, program.init.state_shardings.params, mesh, program.rules,
                                       loss_config=run.loss, adaptation=program.adaptation)
     evaluator = evaluation.TrainingEvaluator(
@@ -343,9 +409,15 @@ def train(run: TrainConfig) -> TrainResult:
         mixture_or_task_name=run.eval_mixture_or_task_name, task_feature_lengths=lengths, batch_size=batch_size,
         last_step=num_train_steps, write_metrics=writer.write, verbose=is_chief, prefix_lm=run.data.prefix_lm)
     if is_chief:
-        with fileio.open_file(run_dir.path(model_dir, run_dir.CONFIG), "w") as f:
-            f.write(gin.config_str())  # every binding as parsed (files + --gin. flags)
-        vocab_record.write(model_dir, train_features)
+        config_path = run_dir.path(model_dir, run_dir.CONFIG)
+
+        def write_config():
+            with fileio.open_file(config_path, "w") as f:
+                f.write(gin.config_str())  # every binding as parsed (files + --gin. flags)
+
+        before_training(config_path, write_config)
+        before_training(fileio.join(model_dir, vocab_record.RECORD),
+                        lambda: vocab_record.write(model_dir, train_features))
         print(f"t5lite: {config.architecture}, {num_params:,} parameters, mesh {dict(mesh.shape)}, "
               f"preset {run.partitioning_preset!r}, batch {batch_size}, lengths {lengths}, "
               f"steps {int(state.step)}->{num_train_steps}, MODEL_DIR {model_dir}", flush=True)
@@ -358,6 +430,10 @@ def train(run: TrainConfig) -> TrainResult:
                      is_chief)
     loop.run_steps()
     return loop.finish()
+
+
+def _bytes(abstract_tree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(abstract_tree))
 
 
 def _mean_metrics(metrics: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:
