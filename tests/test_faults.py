@@ -287,7 +287,8 @@ def test_steps_re_run_after_a_kill_keep_one_metrics_row_each(tmp_path):
 
 def test_an_unquoted_string_binding_says_how_to_quote_it(tmp_path):
     result = subprocess.run(_command("t5lite.train", "--gin_file=gin/base.gin", "--gin.MODEL_DIR=runs/x"),
-                            cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+                            cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                            timeout=300)
     _one_line_error(result, r"--gin.MODEL_DIR=runs/x: the value is not a Python literal", "quotes")
     assert not os.path.exists(tmp_path / "runs")
 
