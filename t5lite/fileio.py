@@ -8,6 +8,7 @@ goes through these functions.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -73,6 +74,18 @@ def check_writable_dir(path: str) -> None:
     with open_file(probe, "w") as f:
         f.write("ok")
     remove(probe)
+
+
+def check_creatable_dir(path: str) -> None:
+    """A local directory `path` could be created: its nearest existing parent is a writable directory.
+    Raises one of ERRORS (as makedirs would) if not; creates nothing."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "Permission denied", parent)
 
 
 def exists(path: str) -> bool:

@@ -61,11 +61,16 @@ class TrainResult:
     exit_code: int = 0  # 128 + signal number if SIGTERM / SIGINT stopped the run (after a checkpoint)
 
 
-def ensure_writable_dir(path: str) -> str:
-    """Creates `path` and proves it writable before any compute is spent."""
+def ensure_writable_dir(path: str, create: bool = True) -> str:
+    """Creates `path` and proves it writable before any compute is spent. create=False: a local path
+    that does not exist yet is only checked (its nearest existing parent must be a writable directory),
+    so that a run stopped by a later check leaves no empty MODEL_DIR behind."""
     path = fileio.absolute(path)
     try:
-        fileio.check_writable_dir(path)
+        if create or fileio.is_remote(path) or fileio.exists(path):
+            fileio.check_writable_dir(path)
+        else:
+            fileio.check_creatable_dir(path)
     except fileio.ERRORS as e:
         raise UserError(
             f"MODEL_DIR {path!r} is not writable ({getattr(e, 'strerror', None) or e}). Choose another directory with "
@@ -357,7 +362,7 @@ def train(run: TrainConfig) -> TrainResult:
     observability.parse_profile_steps(run.loop.profile_steps)  # a malformed range fails before any work
 
     # --- Output directory --------------------------------------------------------------------
-    model_dir = ensure_writable_dir(run.model_dir)
+    model_dir = ensure_writable_dir(run.model_dir, create=False)  # created once every check has passed
     is_chief = jax.process_index() == 0
 
     # --- Mesh ----------------------------------------------------------------------------------
@@ -381,6 +386,7 @@ def train(run: TrainConfig) -> TrainResult:
 
     # --- Program: model, optimizer, adaptation, compiled step ------------------------------------------
     program = trainer.build_train_program(config, run, mesh)
+    ensure_writable_dir(model_dir)
     num_params = describe_program(run, config, program, model_dir, is_chief)
     num_train_steps = run.loop.num_train_steps + program.initial_step
 

@@ -41,3 +41,12 @@ def test_an_unwritable_local_model_dir_is_a_user_error(tmp_path):
     (tmp_path / "a_file").write_text("not a directory")  # fails for root too, unlike a chmod
     with pytest.raises(UserError, match="is not writable"):
         ensure_writable_dir(str(tmp_path / "a_file" / "run"))
+
+
+def test_checking_a_model_dir_before_training_creates_nothing(tmp_path):
+    run = tmp_path / "new" / "run"
+    assert ensure_writable_dir(str(run), create=False) == str(run)
+    assert not (tmp_path / "new").exists()  # created only once every check of train() has passed
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="a_file.*is not writable.*Not a directory"):
+        ensure_writable_dir(str(tmp_path / "a_file" / "run"), create=False)
