@@ -278,3 +278,30 @@ def beam_search(
     score = jnp.where(any_finished, finished_scores[:, 0],
                       alive_log_probs[:, 0] / brevity_penalty(alpha, generated))
     return best, score
+
+
+def sample_rows(logits: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
+    """One token per row [batch] from logits [batch, vocab], each row with its own settings.
+
+    keys [batch, 2] (jax.random keys), temperature / top_p [batch] float32, top_k [batch] int32 (0: all
+    tokens). A row with temperature 0 is greedy (argmax); others sample from the temperature-scaled
+    logits filtered as filter_logits filters them. Used by continuous batching, where the rows of one
+    step belong to different requests; the vocabulary is sorted only when some row samples.
+    """
+    greedy = argmax(logits)
+
+    def sampled() -> Array:
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        sorted_logits = -jnp.sort(-scaled, axis=-1)  # descending
+        vocab = logits.shape[-1]
+        kth = jnp.take_along_axis(sorted_logits, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+        kth = jnp.where(top_k[:, None] > 0, kth, -jnp.inf)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+        nucleus = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        nucleus = jnp.where(top_p[:, None] < 1.0, nucleus, -jnp.inf)
+        filtered = jnp.where(scaled < jnp.maximum(kth, nucleus), NEG_INF, scaled)
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)

@@ -170,17 +170,24 @@ class MultiHeadAttention(nn.Module):
         return constrain(out, ("batch", "length", "embed"))
 
     def _append_to_cache(self, k: Array, v: Array, cache_index: Array) -> tuple[Array, Array]:
-        """Writes k, v [batch, heads, q_len, kv] at cache_index; -> the whole cache [batch, heads, k_len, kv]."""
+        """Writes k, v [batch, heads, q_len, kv] at cache_index (a scalar, or [batch]: each row at its
+        own position); -> the whole cache [batch, heads, k_len, kv]."""
         is_initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         if not is_initialized:  # the init call only sizes the cache
             return k, v
+        cache_index = jnp.asarray(cache_index, jnp.int32)
         zero = jnp.zeros((), jnp.int32)
-        start = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
-        cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, v.astype(cached_value.value.dtype), start)
+        if cache_index.ndim == 1:  # [batch] per-row positions (continuous batching): one write per row
+            def write(cache, new):
+                return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (zero, i, zero)))(
+                    cache, new.astype(cache.dtype), cache_index)
+        else:
+            def write(cache, new):
+                return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (zero, zero, cache_index, zero))
+        cached_key.value = write(cached_key.value, k)
+        cached_value.value = write(cached_value.value, v)
         return cached_key.value, cached_value.value
 
     def _cached_encoder_kv(
@@ -288,7 +295,8 @@ class RelativePositionBias(nn.Module):
         Positions are those inside a packed segment: tokens of a segment are contiguous, so
         relative positions within a segment equal arange differences and one table serves all
         examples; cross-segment pairs are masked by the caller. A traced q_offset (a decode step)
-        needs q_offset + q_len <= k_len.
+        needs q_offset + q_len <= k_len. A [batch] q_offset (rows at their own positions, continuous
+        batching) gives [batch, heads, q_len, k_len].
         """
         k_pos = np.arange(k_len, dtype=np.int32)[None, :]
         if isinstance(q_offset, int):
@@ -299,13 +307,18 @@ class RelativePositionBias(nn.Module):
             k_pos - q_pos, bidirectional=self.bidirectional,
             num_buckets=self.num_buckets, max_distance=self.max_distance,
         )
-        if not isinstance(q_offset, int):
+        per_row = not isinstance(q_offset, int) and jnp.ndim(q_offset) == 1
+        if per_row:  # [batch, q_len, k_len]: each row's query positions
+            buckets = jnp.asarray(buckets)[jnp.asarray(q_offset)[:, None] + jnp.arange(q_len)[None]]
+        elif not isinstance(q_offset, int):
             buckets = jax.lax.dynamic_slice_in_dim(jnp.asarray(buckets), q_offset, q_len, axis=0)
         table = logical_param(
             self, "rel_embedding",
             nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
             (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"),
         )
+        if per_row:
+            return jnp.moveaxis(jnp.take(table, buckets, axis=1), 0, 1)
         return jnp.take(table, jnp.asarray(buckets), axis=1)[None]
 
 
@@ -334,9 +347,17 @@ def decode_mask_bias(q_len: int, cache_length: int, cache_index: Array, prefix_l
 
     With prefix_lengths [batch] (prefix LM): [batch, 1, q_len, cache_length], positions below a
     row's prefix length also see each other both ways, as attention_mask_bias's `prefix` does.
+    A [batch] cache_index (each row at its own position) also gives [batch, 1, q_len, cache_length].
     """
-    q_pos = cache_index + jnp.arange(q_len)[:, None]
     k_pos = jnp.arange(cache_length)[None, :]
+    if jnp.ndim(cache_index) == 1:
+        q_pos = jnp.asarray(cache_index)[:, None, None] + jnp.arange(q_len)[None, :, None]  # [batch, q_len, 1]
+        visible = k_pos[None] <= q_pos
+        if prefix_lengths is not None:
+            prefix = prefix_lengths[:, None, None]
+            visible = visible | ((q_pos < prefix) & (k_pos[None] < prefix))
+        return jnp.where(visible, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]
+    q_pos = cache_index + jnp.arange(q_len)[:, None]
     visible = k_pos <= q_pos
     if prefix_lengths is None:
         return jnp.where(visible, 0.0, MASK_VALUE).astype(jnp.float32)[None, None]

@@ -169,8 +169,8 @@ class Decoder(nn.Module):
         """tokens, segment_ids [batch, length] -> logits [batch, length, vocab] (float32).
 
         causal_attention [batch, length]: 1 on prefix-LM inputs (bidirectional among themselves).
-        Decoding (decode_index, an int32 scalar, given): `tokens` sit at positions decode_index +
-        arange(length) of a cache of decode_length positions; segment_ids are unused, and
+        Decoding (decode_index, an int32 scalar or [batch] per-row positions, given): `tokens` sit at
+        positions decode_index + arange(length) of a cache of decode_length positions; segment_ids are unused, and
         `encoded` may be None after the first call (cached cross-attention keys/values);
         decode_prefix_lengths [batch] (prefix LM): the prompt positions, bidirectional as in training.
         """
