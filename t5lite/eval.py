@@ -36,7 +36,7 @@ import jax
 import seqio
 
 from t5lite import checkpoints, distributed, evaluation, fileio, gin_cli, partitioning, run_dir, trainer
-from t5lite.data import pipeline
+from t5lite.data import benchmarks, pipeline
 from t5lite.errors import reports_user_errors
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
@@ -104,10 +104,39 @@ class CheckpointEvaluator:
             writer.write(task, step, metrics)
             print(f"step {step} {task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         writer.close()
+        seconds = time.perf_counter() - t0
         with fileio.open_file(self.results_path(step), "w") as f:
             json.dump({"step": step, "checkpoint": os.path.join(checkpoints_dir, str(step)), "tasks": results,
-                       "seconds": time.perf_counter() - t0}, f, indent=2)
+                       "seconds": seconds}, f, indent=2)
+        self.write_benchmark_table(step, results, seconds)
+        self.write_examples(step)
         return results
+
+    def write_examples(self, step: int) -> None:
+        """Per-example records (evaluation.InferenceEvaluator.example_records) as
+        <output_dir>/examples_step_<step>/<task>.jsonl, for python -m t5lite.analyze."""
+        folder = os.path.join(self.output_dir, f"examples_step_{step}")
+        fileio.makedirs(folder)
+        for task, rows in self.inference.example_records().items():
+            with fileio.open_file(os.path.join(folder, f"{task}.jsonl"), "w") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+    def write_benchmark_table(self, step: int, results: Mapping[str, Mapping[str, float]], seconds: float) -> None:
+        """The benchmark table (task, metric, value, stderr, chance, n, seconds) of the tasks with
+        multiple-choice or LAMBADA metrics: printed, and written as benchmarks_step_<step>.{json,md}."""
+        rows = evaluation.benchmark_table(results, self.inference.seconds, benchmarks.headline_metrics)
+        if not rows:
+            return
+        text = evaluation.format_table(rows)
+        print(text, end="", flush=True)
+        stem = os.path.join(self.output_dir, f"benchmarks_step_{step}")
+        with fileio.open_file(stem + ".json", "w") as f:
+            json.dump({"step": step, "num_fewshot": benchmarks.num_fewshot(), "seconds": seconds, "rows": rows},
+                      f, indent=2)
+        with fileio.open_file(stem + ".md", "w") as f:
+            f.write(f"Step {step}, MMLU {benchmarks.num_fewshot()}-shot, {seconds:.0f} s in all; values in percent, "
+                    "stderr as lm-evaluation-harness (sample standard deviation / sqrt(n)).\n\n")
+            f.write(evaluation.format_table(rows, markdown=True))
 
 
 @gin.configurable

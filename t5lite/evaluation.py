@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,7 @@ class InferenceEvaluator:
         self.tasks_without_metrics = sorted(t.name for t in tasks if not t.metric_objs)
         self.causal_scoring = not (prefix_lm or model.config.is_encoder_decoder)
         self.verbose = verbose  # progress lines of long decoding / scoring loops (the chief process only)
+        self.seconds: dict[str, float] = {}  # task -> seconds decoding and scoring it in the last evaluate()
         lengths = {k: v for k, v in task_feature_lengths.items() if k in provider.output_features}
         self.decode_config = dataclasses.replace(decode_config, max_decode_length=lengths["targets"])
         self._evaluator = seqio.Evaluator(
@@ -143,6 +145,17 @@ class InferenceEvaluator:
             return {}
         rng = jax.random.PRNGKey(step) if rng is None else rng
         decode_params = []  # split per layer once, by the first task that decodes
+        task_of = {id(ds): name for name, ds in self._evaluator.cached_model_datasets.items()}
+        self.seconds = {}
+
+        def timed(fn):
+            def run(dataset, model_feature_shapes=None):
+                t0 = time.perf_counter()
+                out = fn(dataset, model_feature_shapes)
+                task = task_of.get(id(dataset), "?")
+                self.seconds[task] = self.seconds.get(task, 0.0) + time.perf_counter() - t0
+                return out
+            return run
 
         def batches(dataset: tf.data.Dataset, what: str):
             """padded_batches with a progress line (done / total, rate, ETA) every ~10 s of a long loop."""
@@ -167,14 +180,97 @@ class InferenceEvaluator:
                 out.extend((int(j), float(s)) for j, s in zip(indices, scores, strict=False))
             return out
 
-        metrics, _ = self._evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn,
-                                              score_fn=score_fn)
+        metrics, outputs = self._evaluator.evaluate(compute_metrics=True, step=step, predict_fn=timed(predict_fn),
+                                                    score_fn=timed(score_fn))
+        self._outputs = outputs
         return {task: {k: float(_scalar(v)) for k, v in m.items()} for task, m in metrics.result().items()}
+
+    def example_records(self) -> dict[str, list[dict[str, Any]]]:
+        """Per-example records of the last evaluate(), task -> one dict per example in split order:
+        index, inputs, targets, input_tokens; score (log p(targets), for score metrics) and/or
+        prediction (decoded) and correct (prediction == targets, stripped); and the int / string
+        features multiple-choice rows carry (question_id, is_correct, choice_length, category)."""
+        records = {}
+        for task in self._evaluator.eval_tasks:
+            out = getattr(self, "_outputs", {}).get(task.name, {})
+            scores = out.get(seqio.metrics.ModelOutputType.SCORE)
+            tokens = out.get(seqio.metrics.ModelOutputType.PREDICTION)
+            vocabulary = task.output_features["targets"].vocabulary
+            rows = []
+            for i, ex in enumerate(self._evaluator.cached_task_datasets[task.name].as_numpy_iterator()):
+                row = {"index": i, "inputs": _text(ex.get("inputs_pretokenized", b"")),
+                       "targets": _text(ex.get("targets_pretokenized", b"")),
+                       "input_tokens": int(len(ex["inputs"])) if "inputs" in ex else 0}
+                row.update({k: _text(ex[k]) if isinstance(ex[k], bytes) else int(ex[k])
+                            for k in ("question_id", "is_correct", "choice_length", "category") if k in ex})
+                if scores is not None:
+                    row["score"] = float(scores[i])
+                if tokens is not None:
+                    row["prediction"] = vocabulary.decode([int(t) for t in tokens[i]])
+                    row["correct"] = int(row["prediction"].strip() == row["targets"].strip())
+                rows.append(row)
+            records[task.name] = rows
+        return records
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _scalar(value) -> float:
     """seqio metric values may come back wrapped (metrics_lib.Scalar)."""
     return getattr(value, "value", value)
+
+
+TABLE_COLUMNS = ("task", "metric", "value", "stderr", "chance", "n", "seconds")
+
+
+def benchmark_table(results: Mapping[str, Mapping[str, float]], seconds: Mapping[str, float],
+                    headline: Callable[[str], Sequence[str]]) -> list[dict[str, Any]]:
+    """One row per (task, headline metric) of the results, as the harness prints them: value, stderr,
+    chance, n (questions) and the seconds spent decoding and scoring the task; per-category rows
+    ("task/category", e.g. MMLU's groups) after their task; a winogender gap row when both sets ran."""
+    rows = []
+    for task in sorted(results):
+        m = results[task]
+        for metric in headline(task):
+            if metric not in m:
+                continue
+            groups = sorted({k.split("/")[0] for k in m if k.endswith(f"/{metric}") and k.count("/") == 1})
+            for prefix, label in (("", task), *((f"{g}/", f"{task}/{g}") for g in groups)):
+                chance = m.get(f"{prefix}chance_{metric}", m.get(f"{prefix}chance_accuracy"))
+                rows.append({"task": label, "metric": metric, "value": m[f"{prefix}{metric}"],
+                             "stderr": m.get(f"{prefix}{metric}_stderr"), "chance": chance,
+                             "n": int(m[f"{prefix}num_questions"]) if f"{prefix}num_questions" in m else None,
+                             "seconds": seconds.get(task) if not prefix else None})
+    for suffix in ("", "_prefix_lm"):
+        female, male = results.get(f"winogender_female{suffix}"), results.get(f"winogender_male{suffix}")
+        if female and male and "accuracy" in female and "accuracy" in male:
+            rows.append({"task": f"winogender{suffix} gap (female - male)", "metric": "accuracy",
+                         "value": female["accuracy"] - male["accuracy"],
+                         "stderr": float(np.hypot(female["accuracy_stderr"], male["accuracy_stderr"])),
+                         "chance": 0.0, "n": int(female["num_questions"] + male["num_questions"]), "seconds": None})
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:
+    """The benchmark table as aligned text (console) or a Markdown table."""
+    def cell(row, column):
+        value = row[column]
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return "-"
+        if column in ("value", "stderr", "chance"):
+            return f"{value:.2f}"
+        return f"{value:.1f}" if column == "seconds" else str(value)
+
+    table = [[cell(r, c) for c in TABLE_COLUMNS] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in table]) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(TABLE_COLUMNS, *table, strict=True)]
+    return "\n".join("  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths,
+                                                                                                 strict=True)))
+                     for r in [list(TABLE_COLUMNS), *table]) + "\n"
 
 
 MODES = ("min", "max")

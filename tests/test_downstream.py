@@ -150,7 +150,7 @@ def test_arc_has_one_row_per_question_and_choice(data_dir, task, file_name, full
     rows = list(rows.as_numpy_iterator())
     assert len(rows) == sum(len(q["choices"]) for q in questions)
     first = [r for r in rows if r["question_id"] == 0]
-    assert [r["targets"].decode() for r in first] == questions[0]["choices"]
+    assert [r["targets"].decode() for r in first] == [" " + c for c in questions[0]["choices"]]  # " ": the harness's
     assert [r["is_correct"] for r in first] == [int(i == questions[0]["gold"]) for i in range(4)]
     assert first[0]["inputs"].decode() == questions[0]["query"] + "\nAnswer:"
     assert sum(r["is_correct"] for r in rows) == num_questions  # one right choice each

@@ -68,11 +68,14 @@ def test_bits_per_byte_and_perplexity_from_scores():
 
 def test_rank_classification_plain_and_length_normalised():
     # Question 0: the short wrong choice has the higher log p, the long right one the higher
-    # log p per byte (-3/11 > -2/1). Question 1: the right choice wins both ways.
+    # log p per character (-3/11 > -2/1). Question 1: the right choice wins both ways.
     targets = [(0, False, 1), (0, True, 11), (1, True, 5), (1, False, 5)]
     scores = [-2.0, -3.0, -1.0, -4.0]
-    assert metrics.rank_classification(targets, scores) == {"accuracy": 50.0, "length_normalized_accuracy": 100.0,
-                                                            "chance_accuracy": 50.0}
+    result = metrics.rank_classification(targets, scores)
+    assert (result["accuracy"], result["length_normalized_accuracy"], result["chance_accuracy"]) == (50.0, 100.0, 50.0)
+    # The harness's stderr: sample standard deviation of [0, 1] (n - 1) / sqrt(2) = 0.7071 / 1.4142 = 0.5.
+    assert result["accuracy_stderr"] == pytest.approx(50.0)
+    assert result["length_normalized_accuracy_stderr"] == 0.0 and result["num_questions"] == 2
 
 
 def test_rank_classification_chance_counts_each_questions_choices():
@@ -80,6 +83,60 @@ def test_rank_classification_chance_counts_each_questions_choices():
     targets = [(0, True, 1), (0, False, 1), (0, False, 1), (1, False, 1), (1, True, 1)]
     result = metrics.rank_classification(targets, [0.0, -1.0, -2.0, 0.0, -1.0])
     assert result["accuracy"] == 50.0 and result["chance_accuracy"] == pytest.approx(100 * 5 / 12)
+
+
+def test_a_text_label_is_an_error_and_chance_is_never_100_with_two_choices():
+    # The README trap: every row marked correct (bool(b"0") is True) used to give 100 / 100 / chance 100.
+    with pytest.raises(UserError, match="question 0: 2 of its 2 choices are marked correct"):
+        metrics.rank_classification([(0, True, 3), (0, True, 2)], [-1.0, -2.0])
+    with pytest.raises(UserError, match="is_correct must be an int"):
+        metrics.rank_classification_target(" no", {"question_id": 0, "is_correct": b"0"}, is_target=True)
+    with pytest.raises(UserError, match="add_multiple_choice_task"):
+        metrics.rank_classification_target("no", {"inputs": "q"}, is_target=True)
+
+
+def test_toy_model_with_known_log_likelihoods_scores_like_the_harness():
+    # Three 4-way questions; lengths in characters of " " + choice minus the delimiter (the harness's len(choice)).
+    choices = [["cat", "elephant", "ox", "dog"], ["a", "bb", "ccc", "dddd"], ["yes", "no", "maybe", "never"]]
+    golds = [1, 3, 0]
+    lls = [[-4.0, -6.0, -3.0, -5.0], [-1.0, -2.0, -3.0, -3.5], [-2.0, -2.0, -9.0, -9.0]]
+    targets = [(q, int(i == golds[q]), len(c), "") for q in range(3) for i, c in enumerate(choices[q])]
+    scores = [s for row in lls for s in row]
+    result = metrics.rank_classification(targets, scores)
+    # acc: argmax ll -> ox (wrong), a (wrong), yes (first of the tie: right) = 1/3.
+    # acc_norm: ll/len -> cat -1.33, elephant -0.75, ox -1.5, dog -1.67: elephant (right); -1, -1, -1, -0.875:
+    # dddd (right); yes -0.67, no -1.0: yes (right) = 3/3.
+    assert result["accuracy"] == pytest.approx(100 / 3)
+    assert result["length_normalized_accuracy"] == 100.0
+    assert result["accuracy_stderr"] == pytest.approx(100 * math.sqrt(1 / 3) / math.sqrt(3))  # sd of [0,0,1]
+    assert result["chance_accuracy"] == 25.0 and result["num_questions"] == 3
+
+
+def test_mc2_is_the_normalised_probability_of_the_true_answers():
+    # Question 0: true choices 0 and 1 of three, lls log .5, log .3, log .2 -> 0.8; question 1: log 1, log 3
+    # (unnormalised), the true one is second -> 3/4. Mean 0.775.
+    targets = [(0, 1, 1), (0, 1, 1), (0, 0, 1), (1, 0, 1), (1, 1, 1)]
+    scores = [math.log(0.5), math.log(0.3), math.log(0.2), 0.0, math.log(3)]
+    result = metrics.mc2(targets, scores)
+    assert result["mc2"] == pytest.approx(77.5)
+    assert result["chance_mc2"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
+    # Far below exp's range (the harness's exp underflows to 0/0 there): the same mass, computed stably.
+    far = metrics.mc2(targets, [s - 2000 for s in scores])
+    assert far["mc2"] == pytest.approx(77.5)
+
+
+def test_grouped_stderr_pools_the_subtasks_as_the_harness():
+    # Two subjects of one group: [1, 0] and [1, 1, 0]; pooled_sample_stderr over their stderrs and sizes.
+    targets, scores = [], []
+    for q, (category, right) in enumerate([("g/a", 1), ("g/a", 0), ("g/b", 1), ("g/b", 1), ("g/b", 0)]):
+        targets += [(q, 1, 1, category), (q, 0, 1, category)]
+        scores += [0.0, -1.0] if right else [-1.0, 0.0]
+    result = metrics.grouped_rank_classification(targets, scores)
+    se_a, se_b = metrics.mean_stderr([1, 0]), metrics.mean_stderr([1, 1, 0])
+    pooled = math.sqrt(((2 - 1) * se_a**2 * 2 + (3 - 1) * se_b**2 * 3) / (5 - 2) / 5)
+    assert result["g/accuracy_stderr"] == pytest.approx(100 * pooled)
+    assert result["g/accuracy"] == pytest.approx(60.0) and result["g/a/accuracy"] == 50.0
+    assert result["accuracy"] == pytest.approx(60.0)
 
 
 def test_target_perplexity_is_per_target_not_per_token():

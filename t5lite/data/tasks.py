@@ -15,12 +15,16 @@ Documents are tiny Shakespeare speeches and WikiText-2 articles (embedded_corpus
 """
 
 import functools
-from collections.abc import Callable, Sequence
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import seqio
 import tensorflow as tf
 
 from t5lite.data import embedded_corpus, metrics, preprocessors, vocab
+from t5lite.data import multiple_choice as multiple_choice_lib
 from t5lite.data import sources as sources_lib
 from t5lite.errors import UserError
 
@@ -196,6 +200,91 @@ def add_instruction_task(
                                      hash_splits=hash_splits)
     return add_supervised_task(name, source, inputs_field=prompt_field, targets_field=response_field,
                                metric_fns=metric_fns, vocabulary=vocabulary)
+
+
+def add_multiple_choice_task(
+    name: str,
+    files: str | Mapping[str, str],
+    *,
+    prompt: str = "{question}",
+    choices_field: str | Sequence[str] = "choices",
+    label_field: str = "label",
+    label_files: str | Mapping[str, str] | None = None,
+    target_delimiter: str = multiple_choice_lib.TARGET_DELIMITER,
+    metric_fns: Sequence[Callable] = (metrics.rank_classification,),
+    vocabulary: seqio.Vocabulary | None = None,
+) -> seqio.Task:
+    """A multiple-choice task scored by likelihood as lm-evaluation-harness scores one: the prompt,
+    then each choice as the continuation target_delimiter + choice (no EOS); accuracy, length-normalised
+    accuracy (per character), chance and standard errors (metrics.rank_classification).
+
+    files: a JSONL file (the split "validation") or {split: file}. prompt: a str.format template over a
+      row's fields, e.g. "Question: {question}\nAnswer:". choices_field: a field holding the list of
+      choices, or the names of one field per choice. label_field: the integer index of the right choice;
+      or label_files (the same shape as files): one integer label a line, line-aligned with the rows.
+    A label that is not an integer index into the row's choices is an error naming file and line.
+    Registers `name` for encoder-decoder models and `name`_prefix_lm for decoder-only ones.
+    """
+    files = {"validation": files} if isinstance(files, str) else dict(files)
+    if label_files is not None:
+        label_files = {"validation": label_files} if isinstance(label_files, str) else dict(label_files)
+        if set(label_files) != set(files):
+            raise UserError(f"{name}: label_files has splits {sorted(label_files)} but files has {sorted(files)}.")
+
+    def questions(split: str) -> list[multiple_choice_lib.Question]:
+        path = files[split]
+        rows = _jsonl_rows(path)
+        labels = _label_lines(label_files[split], len(rows)) if label_files else None
+        out = []
+        for n, row in enumerate(rows, 1):
+            where = f"{path}:{n}"
+            choices = ([row.get(f) for f in choices_field] if not isinstance(choices_field, str)
+                       else row.get(choices_field))
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise UserError(f"{where}: the choices ({choices_field!r}) must be at least two strings.")
+            try:
+                text = prompt.format(**row)
+            except (KeyError, IndexError) as e:
+                raise UserError(f"{where}: prompt {prompt!r} names a field the row lacks: {e}.") from e
+            if labels is not None:
+                label, where = labels[n - 1], f"{label_files[split]}:{n}"
+            else:
+                label = row.get(label_field)
+            out.append(multiple_choice_lib.Question.single(
+                text, choices, multiple_choice_lib.check_label(label, len(choices), where=where)))
+        return out
+
+    source = multiple_choice_lib.questions_source(questions, tuple(files), target_delimiter=target_delimiter)
+    return multiple_choice_lib.add_task_pair(name, source, metric_fns=metric_fns, vocabulary=vocabulary)[0]
+
+
+def _jsonl_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist.")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: invalid JSON ({e.msg}).") from e
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: not a JSON object.")
+            rows.append(row)
+    return rows
+
+
+def _label_lines(path: str, num_rows: int) -> list[int | str]:
+    """Labels of a label file, one a line: an int where the line is one, else the text (rejected later)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if len(lines) != num_rows:
+        raise UserError(f"{path}: {len(lines)} labels for {num_rows} rows; the files must be line-aligned.")
+    return [int(x) if re.fullmatch(r"-?\d+", x) else x for x in lines]
 
 
 def _register_task(corpus: str, objective: str) -> None:

@@ -13,8 +13,11 @@ Tasks (split "test"), registered on import:
                               metrics last_word_accuracy (greedy decode, T5 sentinels dropped) and
                               target_perplexity (score)
     arc, zero_shot            mixtures: the two ARC tasks; all three, for one `python -m t5lite.eval` run
+    benchmarks                the suite: ARC, LAMBADA and the tasks of benchmarks.py (HellaSwag, MMLU,
+                              TruthfulQA, WinoGrande, BoolQ, COPA, Winogender); winogender: its two sets
 The tasks above are for encoder-decoder models (inputs end with EOS, as in T5 pretraining).
-"<task>_prefix_lm", arc_prefix_lm and zero_shot_prefix_lm are the same rows for decoder-only models: no EOS
+"<task>_prefix_lm", arc_prefix_lm, zero_shot_prefix_lm and benchmarks_prefix_lm are the same rows for
+decoder-only models: no EOS
 between prompt and continuation, so the model reads one running text as in lm-evaluation-harness.
 Targets never get EOS: a score is log p(continuation | prompt) and nothing else. Inputs longer than
 the feature length lose their beginning, not their end (the words the answer depends on).
@@ -28,9 +31,10 @@ import re
 from collections.abc import Callable, Mapping
 
 import seqio
-import tensorflow as tf
 
-from t5lite.data import downstream, metrics, vocab
+from t5lite.data import benchmarks, downstream, metrics, vocab
+from t5lite.data import multiple_choice as mc
+from t5lite.data.multiple_choice import Question, keep_last_input_tokens
 from t5lite.errors import UserError
 
 ARC_TASKS = {"arc_easy": "arc_easy.jsonl", "arc_challenge": "arc_challenge.jsonl"}
@@ -63,14 +67,12 @@ def _arc_problem(row: dict) -> str | None:
     return None
 
 
-def arc_records(file_name: str, split: str) -> list[dict[str, str | int]]:
-    """One record per (question, choice); question_id is the question's line order (ARC has no ids,
-    and a few question texts repeat across different items)."""
+def arc_questions(file_name: str, split: str) -> list[Question]:
+    """The harness's ARC prompt "Question: {question}\nAnswer:" and choices, one right (gold); the file's
+    query is already "Question: ..." (ARC has no ids, and a few question texts repeat)."""
     del split  # the files are ARC's test splits
     rows = _read_jsonl(downstream.data_file("arc", file_name), _arc_problem)
-    return [{"inputs": f"{row['query']}\nAnswer:", "targets": choice, "question_id": question_id,
-             "is_correct": int(i == row["gold"])}
-            for question_id, row in enumerate(rows) for i, choice in enumerate(row["choices"])]
+    return [Question.single(f"{row['query']}\nAnswer:", row["choices"], row["gold"]) for row in rows]
 
 
 def _lambada_problem(row: dict) -> str | None:
@@ -92,17 +94,6 @@ def without_sentinels(text: str, example: Mapping | None = None, is_target: bool
     return text if is_target else re.sub(r"<extra_id_\d+>", " ", text)
 
 
-def keep_last_input_tokens(
-    dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None, output_features: Mapping[str, seqio.Feature]
-) -> tf.data.Dataset:
-    """Drops the first tokens of inputs longer than sequence_length["inputs"] (less one for EOS):
-    seqio would cut the end, the words right before the word to predict or the answer."""
-    if not sequence_length or not sequence_length.get("inputs"):
-        return dataset
-    room = sequence_length["inputs"] - int(output_features["inputs"].add_eos)
-    return dataset.map(lambda ex: {**ex, "inputs": ex["inputs"][-room:]}, num_parallel_calls=tf.data.AUTOTUNE)
-
-
 def _add_task(name: str, records_fn, *, inputs_eos: bool, metric_fns, postprocess_fn=None) -> None:
     if name in seqio.TaskRegistry.names():
         return
@@ -118,14 +109,20 @@ def _add_task(name: str, records_fn, *, inputs_eos: bool, metric_fns, postproces
     )
 
 
+SUITE = (*ARC_TASKS, "lambada", *benchmarks.BENCHMARKS)
+
+
 def register_zero_shot_tasks() -> None:
-    for suffix, inputs_eos in (("", True), ("_prefix_lm", False)):
+    for suffix, inputs_eos in (("", True), (mc.PREFIX_LM_SUFFIX, False)):
         for task, file_name in ARC_TASKS.items():
-            _add_task(f"{task}{suffix}", functools.partial(arc_records, file_name), inputs_eos=inputs_eos,
-                      metric_fns=[metrics.rank_classification], postprocess_fn=metrics.rank_classification_target)
+            mc.add_task(f"{task}{suffix}", mc.questions_source(functools.partial(arc_questions, file_name), SPLITS,
+                                                               cache_key=downstream.downstream_data_dir),
+                        inputs_eos=inputs_eos)
         _add_task(f"lambada{suffix}", lambada_records, inputs_eos=inputs_eos,
                   metric_fns=[metrics.last_word_accuracy, metrics.target_perplexity], postprocess_fn=without_sentinels)
-        for mixture, members in ((f"arc{suffix}", ARC_TASKS), (f"zero_shot{suffix}", (*ARC_TASKS, "lambada"))):
+        for mixture, members in ((f"arc{suffix}", ARC_TASKS), (f"zero_shot{suffix}", (*ARC_TASKS, "lambada")),
+                                 (f"winogender{suffix}", ("winogender_female", "winogender_male")),
+                                 (f"benchmarks{suffix}", SUITE)):
             if mixture not in seqio.MixtureRegistry.names():
                 seqio.MixtureRegistry.add(mixture, [f"{t}{suffix}" for t in members], default_rate=1.0)
 

@@ -15,6 +15,8 @@ Standard library only.
 from __future__ import annotations
 
 import argparse
+import bz2
+import csv
 import hashlib
 import json
 import os
@@ -28,8 +30,15 @@ JSONL_HEADS = (
     ("arc/arc_easy.jsonl", 100),
     ("arc/arc_challenge.jsonl", 100),
     ("lambada_openai/lambada_openai.jsonl", 100),
+    ("winogrande/winogrande.jsonl", 200),
+    ("boolq/boolq.jsonl", 200),
+    ("winogender/winogender_mc_female.jsonl", 60),
+    ("winogender/winogender_mc_male.jsonl", 60),
 )
 SQUAD = "squad_v1.1/dev-v1.1.json"
+HELLASWAG, HELLASWAG_ITEMS = "hellaswag_llamacpp/hellaswag_val_full.txt.bz2", 200
+TRUTHFULQA, TRUTHFULQA_ITEMS = "truthfulqa/v0/mc_task.json", 200
+MMLU_TEST_ROWS = 5  # per subject; every dev row (5 per subject) is kept for few-shot prompts
 
 
 def _head_lines(source: str, rows: int) -> tuple[bytes, int]:
@@ -43,6 +52,43 @@ def _head_lines(source: str, rows: int) -> tuple[bytes, int]:
     if total < rows:
         raise SystemExit(f"{source}: {total} lines, fewer than the {rows} to keep.")
     return b"".join(kept), total
+
+
+def _hellaswag_head(source: str, items: int) -> tuple[bytes, int]:
+    """The first `items` items (6 lines each) of the bz2 text, compressed again (bz2 is deterministic)."""
+    with bz2.open(source, "rb") as f:
+        lines = f.read().split(b"\n")
+    total = (len(lines) - (lines[-1] == b"")) // 6
+    return bz2.compress(b"\n".join(lines[:6 * items]) + b"\n"), total
+
+
+def _csv_head(source: str, rows: int | None) -> tuple[bytes, int]:
+    """The bytes of the first `rows` CSV records (all with None; embedded newlines and CRLF kept) and
+    the number of records in the file."""
+    with open(source, encoding="utf-8", newline="") as f:
+        lines = f.readlines()
+    consumed: list[str] = []
+
+    def feed():
+        for line in lines:
+            consumed.append(line)
+            yield line
+
+    kept, total = None, 0
+    for _ in csv.reader(feed()):
+        total += 1
+        if total == rows:
+            kept = "".join(consumed)
+    return (kept if kept is not None else "".join(lines)).encode("utf-8"), total
+
+
+def _truthfulqa_head(source: str, items: int) -> tuple[bytes, int]:
+    with open(source, encoding="utf-8") as f:
+        text = f.read()
+    full = json.loads(text)
+    if json.dumps(full, indent=2) != text:
+        raise SystemExit(f"{source}: not in json.dumps(indent=2) format; the excerpt would differ in form.")
+    return json.dumps(full[:items], indent=2).encode("utf-8"), len(full)
 
 
 def _squad_first_paragraphs(source: str) -> tuple[bytes, dict]:
@@ -79,6 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     content, counts = _squad_first_paragraphs(os.path.join(args.data_dir, SQUAD))
     outputs[SQUAD] = content, {**counts, "cut": "every article, its first paragraph only, re-serialised "
                                                 "with json.dumps (the original's own format)"}
+
+    content, total = _hellaswag_head(os.path.join(args.data_dir, HELLASWAG), HELLASWAG_ITEMS)
+    outputs[HELLASWAG] = content, {"rows": HELLASWAG_ITEMS, "full_rows": total, "unit": "item",
+                                   "cut": f"the first {HELLASWAG_ITEMS} items (6 lines each), bz2-compressed again"}
+    content, total = _truthfulqa_head(os.path.join(args.data_dir, TRUTHFULQA), TRUTHFULQA_ITEMS)
+    outputs[TRUTHFULQA] = content, {"rows": TRUTHFULQA_ITEMS, "full_rows": total, "unit": "question",
+                                    "cut": f"the first {TRUTHFULQA_ITEMS} items, re-serialised with "
+                                           "json.dumps(indent=2) (the original's own format)"}
+    for split, rows in (("dev", None), ("test", MMLU_TEST_ROWS)):
+        folder = os.path.join(args.data_dir, "mmlu", split)
+        for name in sorted(os.listdir(folder)):
+            content, total = _csv_head(os.path.join(folder, name), rows)
+            outputs[f"mmlu/{split}/{name}"] = content, {
+                "rows": rows or total, "full_rows": total, "unit": "record",
+                "cut": "every record" if rows is None else f"the first {rows} CSV records, byte for byte"}
 
     manifest = {}
     for relative, (content, info) in sorted(outputs.items()):
