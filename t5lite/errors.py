@@ -22,7 +22,10 @@ def reports_user_errors(main: Callable[..., int]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            # gin appends "\n  In call to configurable 'f' (<function ...>)" to errors raised inside a
+            # configurable: the message already names what was wrong, so the line stays one line.
+            message = str(e).split("\n  In call to configurable")[0]
+            print(f"error: {message}", file=sys.stderr)
             return 2
 
     return wrapped

@@ -485,3 +485,19 @@ def _harness_task_and_requests(tmp_path, yaml_path, docs, split):
     for i, doc in enumerate(task.test_docs() if split == "test" else task.validation_docs()):
         requests.append(task.construct_requests(doc, task.fewshot_context(doc, num_fewshot=0), metadata=("t", i, 0)))
     return task, requests
+
+
+def test_a_split_smaller_than_one_packed_batch_is_one_padded_batch_for_the_loss(data_dir):
+    # A decoder-only model's teacher-forced loss packs prompt and continuation: Winogender's short
+    # rows fill fewer rows of 576 tokens than one batch (COPA's 200 rows: 7), which dropped the task.
+    from t5lite import evaluation
+
+    lengths = {"inputs": 512, "targets": 64}
+    task = seqio.get_mixture_or_task("winogender_female_prefix_lm")
+    examples = list(task.get_dataset(lengths, split="test", shuffle=False).as_numpy_iterator())
+    batches = evaluation.load_eval_batches(["winogender_female_prefix_lm"], split="test", max_batches=8,
+                                           task_feature_lengths=lengths, model_type="prefix_lm", batch_size=64, seed=0)
+    [batch] = batches["winogender_female_prefix_lm"]
+    weights = batch["decoder_loss_weights"]
+    assert weights.shape[0] == 64 and not weights[-1].any()  # filled up with empty rows
+    assert weights.sum() == sum(len(ex["targets"]) for ex in examples)  # every continuation token, once

@@ -99,12 +99,16 @@ def get_batches(
     )
     batches = BatchIterator(dataset.prefetch(tf.data.AUTOTUNE))
     if batches.is_empty:
-        raise UserError(
+        raise SplitSmallerThanABatch(
             f"{mixture_or_task_name!r} split {split!r} produced no batch of {batch_size} "
             f"examples (lengths {dict(task_feature_lengths)}, shard {shard_info}): the split "
             "is empty or smaller than one batch. Lower batch_size or check the data."
         )
     return batches
+
+
+class SplitSmallerThanABatch(UserError):
+    """get_batches read no whole batch: the split is empty or has fewer (packed) rows than batch_size."""
 
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
