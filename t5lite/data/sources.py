@@ -20,7 +20,7 @@ import gzip
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import seqio
 import tensorflow as tf
@@ -45,6 +45,25 @@ def hash_split(key: str, fractions: Mapping[str, float]) -> str:
 
 def _open_text(path: str):
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def read_jsonl(path: str, check: Callable[[dict], str | None] | None = None) -> list[dict]:
+    """The JSON objects of a JSON-lines file (blank lines skipped). A line that is not a JSON object,
+    or that `check` rejects (it returns the problem, else None), fails with file:line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: invalid JSON ({e.msg}).") from e
+            problem = (check(row) if check else None) if isinstance(row, dict) else "not a JSON object"
+            if problem:
+                raise UserError(f"{path}:{n}: {problem}.")
+            rows.append(row)
+    return rows
 
 
 def _parse_rows(path: str, file_format: str, fields: Sequence[str], tsv_columns: Sequence[str] | None):

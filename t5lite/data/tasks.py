@@ -15,7 +15,6 @@ Documents are tiny Shakespeare speeches and WikiText-2 articles (embedded_corpus
 """
 
 import functools
-import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -261,19 +260,7 @@ def add_multiple_choice_task(
 def _jsonl_rows(path: str) -> list[dict]:
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist.")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: invalid JSON ({e.msg}).") from e
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n}: not a JSON object.")
-            rows.append(row)
-    return rows
+    return sources_lib.read_jsonl(path)
 
 
 def _label_lines(path: str, num_rows: int) -> list[int | str]:

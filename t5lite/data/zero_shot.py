@@ -26,37 +26,17 @@ the feature length lose their beginning, not their end (the words the answer dep
 from __future__ import annotations
 
 import functools
-import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import seqio
 
-from t5lite.data import benchmarks, downstream, metrics, vocab
+from t5lite.data import benchmarks, downstream, metrics, sources, vocab
 from t5lite.data import multiple_choice as mc
 from t5lite.data.multiple_choice import Question, keep_last_input_tokens
-from t5lite.errors import UserError
 
 ARC_TASKS = {"arc_easy": "arc_easy.jsonl", "arc_challenge": "arc_challenge.jsonl"}
 SPLITS = ("test",)
-
-
-def _read_jsonl(path: str, check: Callable[[dict], str | None]) -> list[dict]:
-    """JSON objects of a file; a line that is not one, or that `check` rejects, fails with file:line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: invalid JSON ({e.msg}).") from e
-            problem = check(row) if isinstance(row, dict) else "not a JSON object"
-            if problem:
-                raise UserError(f"{path}:{n}: {problem}.")
-            rows.append(row)
-    return rows
 
 
 def _arc_problem(row: dict) -> str | None:
@@ -71,7 +51,7 @@ def arc_questions(file_name: str, split: str) -> list[Question]:
     """The harness's ARC prompt "Question: {question}\nAnswer:" and choices, one right (gold); the file's
     query is already "Question: ..." (ARC has no ids, and a few question texts repeat)."""
     del split  # the files are ARC's test splits
-    rows = _read_jsonl(downstream.data_file("arc", file_name), _arc_problem)
+    rows = sources.read_jsonl(downstream.data_file("arc", file_name), _arc_problem)
     return [Question.single(f"{row['query']}\nAnswer:", row["choices"], row["gold"]) for row in rows]
 
 
@@ -83,7 +63,7 @@ def _lambada_problem(row: dict) -> str | None:
 
 def lambada_records(split: str) -> list[dict[str, str]]:
     del split  # the file is LAMBADA's test split
-    rows = _read_jsonl(downstream.data_file("lambada_openai", "lambada_openai.jsonl"), _lambada_problem)
+    rows = sources.read_jsonl(downstream.data_file("lambada_openai", "lambada_openai.jsonl"), _lambada_problem)
     return [{"inputs": row["context"], "targets": row["continuation"]} for row in rows]
 
 
