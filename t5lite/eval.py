@@ -36,7 +36,7 @@ import jax
 import seqio
 
 from t5lite import checkpoints, distributed, evaluation, fileio, gin_cli, partitioning, run_dir, trainer
-from t5lite.data import benchmarks, pipeline
+from t5lite.data import benchmarks, contamination, pipeline
 from t5lite.errors import reports_user_errors
 from t5lite.model.config import TransformerConfig
 from t5lite.model.decoding import DecodeConfig
@@ -51,7 +51,7 @@ class CheckpointEvaluator:
     def __init__(
         self, *, mixture_or_task_name: str, eval_split: str, task_feature_lengths: Mapping[str, int],
         batch_size: int, num_examples: int | None, loss_batches: int, prefix_lm: bool,
-        partitioning_preset: str, output_dir: str, seed: int,
+        partitioning_preset: str, output_dir: str, seed: int, contamination_train_task: str | None = None,
     ):
         self.config = TransformerConfig()
         self.model = Model(self.config)
@@ -83,6 +83,11 @@ class CheckpointEvaluator:
             self.model, jax.tree_util.tree_map(lambda a: a.sharding, self.abstract_params), self.mesh, rules,
             loss_config=LossConfig())
         self.output_dir = output_dir
+        # Computed once: the table's "contaminated" column, % of the scored rows of each task sharing a
+        # 13-word n-gram with the training data (GPT-3's test), so a score can be read beside it.
+        self.contamination = {} if not (contamination_train_task and self.is_chief) else {
+            task: report.percent_examples for task, report in contamination.contamination_of_tasks(
+                contamination_train_task, mixture_or_task_name, eval_split, limit=num_examples).items()}
         if self.is_chief:
             fileio.makedirs(output_dir)
 
@@ -124,7 +129,8 @@ class CheckpointEvaluator:
     def write_benchmark_table(self, step: int, results: Mapping[str, Mapping[str, float]], seconds: float) -> None:
         """The benchmark table (task, metric, value, stderr, chance, n, seconds) of the tasks with
         multiple-choice or LAMBADA metrics: printed, and written as benchmarks_step_<step>.{json,md}."""
-        rows = evaluation.benchmark_table(results, self.inference.seconds, benchmarks.headline_metrics)
+        rows = evaluation.benchmark_table(results, self.inference.seconds, benchmarks.headline_metrics,
+                                          self.contamination)
         if not rows:
             return
         text = evaluation.format_table(rows)
@@ -135,7 +141,8 @@ class CheckpointEvaluator:
                       f, indent=2)
         with fileio.open_file(stem + ".md", "w") as f:
             f.write(f"Step {step}, MMLU {benchmarks.num_fewshot()}-shot, {seconds:.0f} s in all; values in percent, "
-                    "stderr as lm-evaluation-harness (sample standard deviation / sqrt(n)).\n\n")
+                    "stderr as lm-evaluation-harness (sample standard deviation / sqrt(n)); contaminated: % of "
+                    "the task's scored rows sharing a 13-word n-gram with the training data.\n\n")
             f.write(evaluation.format_table(rows, markdown=True))
 
 
@@ -156,6 +163,7 @@ def evaluate(
     watch: bool = False,
     watch_interval_s: float = 30.0,
     watch_timeout_s: float | None = None,
+    contamination_train_task: str | None = None,
 ) -> dict[int, dict[str, dict[str, float]]]:
     """Evaluates one checkpoint, or (watch) every new checkpoint; -> step -> task -> metric -> value.
 
@@ -163,7 +171,8 @@ def evaluate(
     False: a causal LM, which also reads the prompt of a task with inputs causally.
     num_examples: examples per task for decoded/scored metrics (None: the whole split);
     loss_batches: batches per task for the teacher-forced loss. watch_timeout_s: stop watching
-    after this long without a new checkpoint (None: never).
+    after this long without a new checkpoint (None: never). contamination_train_task: the model's
+    training Task or Mixture; the benchmark table then shows how much of each task's text it contains.
     """
     checkpoints_dir, step = checkpoints.resolve_checkpoint_path(checkpoint_path)
     evaluation.check_trained_vocabulary(checkpoints_dir, mixture_or_task_name)
@@ -174,7 +183,7 @@ def evaluate(
         mixture_or_task_name=mixture_or_task_name, eval_split=eval_split,
         task_feature_lengths=task_feature_lengths, batch_size=batch_size, num_examples=num_examples,
         loss_batches=loss_batches, prefix_lm=prefix_lm, partitioning_preset=partitioning_preset,
-        output_dir=output_dir, seed=seed)
+        output_dir=output_dir, seed=seed, contamination_train_task=contamination_train_task)
     if not watch:
         return {step: evaluator.evaluate(checkpoints_dir, step)}
 

@@ -64,17 +64,19 @@ def _one_padded_batch(name: str, split: str, too_small: Exception, *, batch_size
             for k in rows[0]}
 
 
-def teacher_forced_eval(eval_step, params, eval_batches: Mapping[str, list], mesh: Mesh) -> Results:
+def teacher_forced_eval(eval_step, params, eval_batches: Mapping[str, list], mesh: Mesh,
+                        normalize: Callable[[Mapping[str, Any]], Mapping[str, Any]] = normalize_metric_sums) -> Results:
     """Teacher-forced loss / accuracy / perplexity per eval task (see load_eval_batches).
 
-    eval_step: (params, batch) -> metric sums (t5lite.trainer.jit_eval_step)."""
+    eval_step: (params, batch) -> metric sums (t5lite.trainer.jit_eval_step); normalize: the sums of
+    all batches -> the figures (a preference run's: trainer.eval_normalizer)."""
     results = {}
     for name, batches in eval_batches.items():
         sums = None
         for batch in batches:
             s = eval_step(params, partitioning.global_batch(batch, mesh))
             sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
-        results[name] = {k: float(v) for k, v in normalize_metric_sums(sums).items()}
+        results[name] = {k: float(v) for k, v in normalize(sums).items()}
     return results
 
 
@@ -238,14 +240,17 @@ def _scalar(value) -> float:
     return getattr(value, "value", value)
 
 
-TABLE_COLUMNS = ("task", "metric", "value", "stderr", "chance", "n", "seconds")
+TABLE_COLUMNS = ("task", "metric", "value", "stderr", "chance", "n", "seconds", "contaminated")
 
 
 def benchmark_table(results: Mapping[str, Mapping[str, float]], seconds: Mapping[str, float],
-                    headline: Callable[[str], Sequence[str]]) -> list[dict[str, Any]]:
+                    headline: Callable[[str], Sequence[str]],
+                    contamination: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """One row per (task, headline metric) of the results, as the harness prints them: value, stderr,
     chance, n (questions) and the seconds spent decoding and scoring the task; per-category rows
-    ("task/category", e.g. MMLU's groups) after their task; a winogender gap row when both sets ran."""
+    ("task/category", e.g. MMLU's groups) after their task; a winogender gap row when both sets ran.
+    contamination: task -> % of its rows sharing an n-gram with the training data (t5lite.data.dedup)."""
+    contamination = contamination or {}
     rows = []
     for task in sorted(results):
         m = results[task]
@@ -258,14 +263,16 @@ def benchmark_table(results: Mapping[str, Mapping[str, float]], seconds: Mapping
                 rows.append({"task": label, "metric": metric, "value": m[f"{prefix}{metric}"],
                              "stderr": m.get(f"{prefix}{metric}_stderr"), "chance": chance,
                              "n": int(m[f"{prefix}num_questions"]) if f"{prefix}num_questions" in m else None,
-                             "seconds": seconds.get(task) if not prefix else None})
+                             "seconds": seconds.get(task) if not prefix else None,
+                             "contaminated": contamination.get(task) if not prefix else None})
     for suffix in ("", "_prefix_lm"):
         female, male = results.get(f"winogender_female{suffix}"), results.get(f"winogender_male{suffix}")
         if female and male and "accuracy" in female and "accuracy" in male:
             rows.append({"task": f"winogender{suffix} gap (female - male)", "metric": "accuracy",
                          "value": female["accuracy"] - male["accuracy"],
                          "stderr": float(np.hypot(female["accuracy_stderr"], male["accuracy_stderr"])),
-                         "chance": 0.0, "n": int(female["num_questions"] + male["num_questions"]), "seconds": None})
+                         "chance": 0.0, "n": int(female["num_questions"] + male["num_questions"]), "seconds": None,
+                         "contaminated": None})
     return rows
 
 
@@ -275,7 +282,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> s
         value = row[column]
         if value is None or (isinstance(value, float) and np.isnan(value)):
             return "-"
-        if column in ("value", "stderr", "chance"):
+        if column in ("value", "stderr", "chance", "contaminated"):
             return f"{value:.2f}"
         return f"{value:.1f}" if column == "seconds" else str(value)
 
@@ -347,6 +354,11 @@ def merge_results(teacher_forced: Mapping[str, Mapping[str, float]],
     return merged
 
 
+# (metric, printed name, digits) of a teacher-forced eval line: LM runs' and preference runs'.
+PRINTED_EVAL_METRICS = (("loss", "loss", 4), ("accuracy", "accuracy", 4), ("perplexity", "perplexity", 2),
+                        ("rewards/accuracies", "reward accuracy", 3), ("rewards/margins", "reward margin", 4))
+
+
 class TrainingEvaluator:
     """Evaluation during training, one call per step from the loop: teacher-forced every
     EvalConfig.every steps and at the last step, inference every EvalConfig.infer_every steps (0:
@@ -356,10 +368,11 @@ class TrainingEvaluator:
         self, model: Model, config: EvalConfig, *, eval_step, eval_batches: Mapping[str, list], mesh: Mesh, rules,
         mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int, last_step: int,
         write_metrics, verbose: bool, prefix_lm: bool = True,
+        normalize: Callable[[Mapping[str, Any]], Mapping[str, Any]] = normalize_metric_sums,
     ):
-        """eval_step, eval_batches: see teacher_forced_eval. batch_size: the global batch of inference
-        evaluation (every process decodes its share). write_metrics(group, step, metrics)."""
-        self.config, self.last_step = config, last_step
+        """eval_step, eval_batches, normalize: see teacher_forced_eval. batch_size: the global batch of
+        inference evaluation (every process decodes its share). write_metrics(group, step, metrics)."""
+        self.config, self.last_step, self.normalize = config, last_step, normalize
         self.eval_step, self.eval_batches, self.mesh = eval_step, eval_batches, mesh
         self.write_metrics, self.verbose = write_metrics, verbose
         self.early_stopping = None
@@ -382,12 +395,13 @@ class TrainingEvaluator:
         """Teacher-forced results of every eval task for the train state's params; printed and written."""
         params = jax.block_until_ready(params)  # the steps still queued are training time, not eval's
         t0 = time.perf_counter()
-        results = teacher_forced_eval(self.eval_step, params, self.eval_batches, self.mesh)
+        results = teacher_forced_eval(self.eval_step, params, self.eval_batches, self.mesh, self.normalize)
         for task, m in results.items():
             self.write_metrics(f"eval/{task}", step, m)
             if self.verbose:
-                print(f"  eval {task}: loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}  "
-                      f"perplexity {m['perplexity']:.2f}  ({format_duration(time.perf_counter() - t0)})", flush=True)
+                shown = "  ".join(f"{name} {m[key]:.{digits}f}"
+                                  for key, name, digits in PRINTED_EVAL_METRICS if key in m)
+                print(f"  eval {task}: {shown}  ({format_duration(time.perf_counter() - t0)})", flush=True)
         self.last_seconds += time.perf_counter() - t0
         return results
 

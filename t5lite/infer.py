@@ -4,6 +4,8 @@
         --gin.infer.input_file=\\"prompts.txt\\" --gin.infer.output_path=\\"runs/base/prompts.jsonl\\"
     python -m t5lite.infer --gin_file=gin/runs/infer.gin --gin.infer.task_name=\\"wikitext2_span_corruption\\" \\
         --gin.infer.mode=\\"score\\" --gin.infer.output_path=\\"scores.jsonl\\"
+    python -m t5lite.infer --gin_file=gin/runs/infer.gin --gin_file=gin/runs/chat_sft.gin ... \\
+        --gin.infer.chat_file=\\"chats.jsonl\\" --gin.infer.output_path=\\"answers.jsonl\\"
 
 Input file: `.jsonl` (one JSON object per line: "inputs", and "targets" to score) or any other
 extension (one input text per line), encoded with the vocabulary the model was trained with (its
@@ -11,6 +13,10 @@ MODEL_DIR/vocabulary.json; t5lite's default vocabulary if there is none). Malfor
 reported, with line numbers, before any compute. Output: one JSON object per example, in input
 order: {"index", "inputs", "prediction", "score"} (predict) or {"index", "inputs", "targets",
 "score"} (score: log-likelihood of targets).
+Chat file (chat_file, predict only): conversations, JSONL {"messages": [{"role", "content"}, ...]}
+each ending with a user turn, prompted with the gin-bound ChatTemplate (t5lite/data/chat.py: the
+turns, then the open assistant marker) as the model was trained; the answer ends at EOS. "inputs"
+is the rendered prompt; a prompt longer than the inputs length loses its oldest tokens.
 Resumable: records already in output_path are kept and their examples skipped. Batches are
 decoded data-parallel over the mesh's data axes; with several processes (--coordinator_address
 etc., or a TPU VM slice) every process reads all examples, decodes its share of each batch, and
@@ -43,7 +49,7 @@ import seqio
 import tensorflow as tf
 
 from t5lite import checkpoints, distributed, evaluation, gin_cli, inference, partitioning, run_dir, trainer
-from t5lite.data import pipeline, vocab_record
+from t5lite.data import chat, pipeline, sources, vocab_record
 from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError, reports_user_errors
 from t5lite.model.config import TransformerConfig
@@ -58,6 +64,7 @@ MODES = ("predict", "score")
 class Example:
     inputs: str
     targets: str = ""
+    input_ids: tuple[int, ...] | None = None  # the tokens of `inputs` where they are not its encoding (chat)
 
 
 def read_input_file(path: str, *, needs_targets: bool) -> list[Example]:
@@ -92,6 +99,18 @@ def read_input_file(path: str, *, needs_targets: bool) -> list[Example]:
     if not examples:
         raise UserError(f"{path}: no examples.")
     return examples
+
+
+def read_chat_file(path: str, vocabulary: seqio.Vocabulary) -> list[Example]:
+    """The conversations of a chat JSONL file as prompts; the first bad row fails with file:line."""
+    if not os.path.isfile(path):
+        raise UserError(f"infer.chat_file {path!r} does not exist.")
+    rows = sources.read_jsonl(path, check=lambda row: chat.check_messages(row, to_answer=True))
+    if not rows:
+        raise UserError(f"{path}: no conversations.")
+    template = chat.ChatTemplate()
+    return [Example(inputs=template.render(row["messages"]), input_ids=tuple(
+        chat.prompt_tokens(template, row["messages"], vocabulary.encode, vocabulary.eos_id))) for row in rows]
 
 
 def get_task(task_name: str) -> seqio.Task:
@@ -154,11 +173,16 @@ def _model_features(examples: Sequence[Example], vocabulary: seqio.Vocabulary, m
     def tokens(text: str, length: int) -> np.ndarray:
         return np.array(vocabulary.encode(text)[: length - 1] + [eos], np.int32)
 
+    def input_tokens(example: Example, length: int) -> np.ndarray:
+        if example.input_ids is None:
+            return tokens(example.inputs, length)
+        return np.array(example.input_ids[-length:], np.int32)  # a chat keeps its latest turns and its EOS
+
     has_inputs = "inputs" in lengths
     rows = {"targets": [tokens(e.targets, lengths["targets"]) if e.targets else np.zeros(0, np.int32)
                         for e in examples]}
     if has_inputs:
-        rows["inputs"] = [tokens(e.inputs, lengths["inputs"]) for e in examples]
+        rows["inputs"] = [input_tokens(e, lengths["inputs"]) for e in examples]
     dataset = tf.data.Dataset.from_generator(
         lambda: ({k: v[i] for k, v in rows.items()} for i in range(len(examples))),
         output_signature={k: tf.TensorSpec([None], tf.int32) for k in rows})
@@ -172,6 +196,7 @@ def infer(
     checkpoint_path: str = gin.REQUIRED,
     output_path: str = gin.REQUIRED,
     input_file: str | None = None,
+    chat_file: str | None = None,
     task_name: str | None = None,
     split: str = "validation",
     mode: str = "predict",
@@ -182,32 +207,38 @@ def infer(
     seed: int = 0,
     prefix_lm: bool = False,
 ) -> str:
-    """Writes (or completes) output_path; -> its path. Give input_file or task_name.
+    """Writes (or completes) output_path; -> its path. Give input_file, chat_file or task_name.
 
     prefix_lm: a decoder-only model was trained as a prefix LM (DataConfig.prefix_lm=True): its prompt
     is attended both ways when decoding and scoring; False: causally, as a causal LM was trained."""
     if mode not in MODES:
         raise UserError(f"infer.mode={mode!r}; choose one of {MODES}.")
-    if (input_file is None) == (task_name is None):
-        raise UserError("Give exactly one of infer.input_file and infer.task_name.")
+    if [input_file, chat_file, task_name].count(None) != 2:
+        raise UserError("Give exactly one of infer.input_file, infer.chat_file and infer.task_name.")
+    if chat_file is not None and (mode != "predict" or "inputs" not in task_feature_lengths):
+        raise UserError("infer.chat_file answers conversations: use infer.mode='predict' and task_feature_lengths "
+                        f"with 'inputs' (the prompt) and 'targets' (the answer), got {dict(task_feature_lengths)}.")
     checkpoints_dir, step = checkpoints.resolve_checkpoint_path(checkpoint_path)
     if step is None:
         step = distributed.agree(checkpoints.latest_checkpoint_step(checkpoints_dir))
 
     model = Model(TransformerConfig())
     model_dir = run_dir.model_dir_of(checkpoints_dir)
-    if input_file is not None:
-        examples = read_input_file(input_file, needs_targets=mode == "score")
+    if input_file is not None or chat_file is not None:
         # The vocabulary the model was trained with, if its MODEL_DIR records one.
         vocabulary = vocab_record.trained_vocabulary(model_dir) or get_default_vocabulary()
+        examples = (read_input_file(input_file, needs_targets=mode == "score") if input_file is not None
+                    else read_chat_file(chat_file, vocabulary))
         lengths = dict(task_feature_lengths)
     else:
         task = get_task(task_name)
         lengths = {k: v for k, v in task_feature_lengths.items() if k in task.output_features}
         examples, vocabulary = read_task(task, split, lengths, seed)
     features = {"inputs": seqio.Feature(vocabulary), "targets": seqio.Feature(vocabulary)}
-    evaluation.check_vocabulary(model, input_file or repr(task_name), features)
-    vocab_record.check(model_dir, f"infer.input_file {input_file!r}" if input_file else f"task {task_name!r}",
+    source = (f"infer.input_file {input_file!r}" if input_file else f"infer.chat_file {chat_file!r}" if chat_file
+              else f"task {task_name!r}")
+    evaluation.check_vocabulary(model, source, features)
+    vocab_record.check(model_dir, source,
                        {k: v for k, v in features.items() if k in lengths})
     examples = examples[:num_examples]
 

@@ -110,7 +110,7 @@ def lower_train_step(devices: Sequence[jax.Device], config: TransformerConfig) -
     (trainer.build_train_program) from the same gin-configured TrainConfig."""
     run = TrainConfig()
     program = trainer.build_train_program(config, run, partitioning.make_mesh(devices=devices))
-    model_type = pipeline.model_type(config.is_encoder_decoder, run.data.prefix_lm)
+    model_type = pipeline.model_type(config.is_encoder_decoder, run.data.prefix_lm, run.preference.enabled)
     return program.lower(pipeline.batch_feature_shapes(dict(run.data.task_feature_lengths), model_type=model_type,
                                                        batch_size=run.data.batch_size))
 

@@ -4,6 +4,7 @@
       DataConfig         what is read: mixture, feature lengths, global batch, prefix LM
       LoopConfig         how long and how: steps, microbatches, logging, non-finite steps, profiling
       LossConfig         label smoothing, z-loss
+      PreferenceConfig   preference tuning on pairs (DPO, IPO, SimPO) instead of the LM loss
       EvalConfig         evaluation during training: teacher-forced, inference, early stopping
       CheckpointConfig   saving, keeping, and where the params start from (fine-tuning)
 
@@ -76,6 +77,48 @@ class LossConfig:
     z_loss: float = 1e-4
 
 
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo")
+# beta where PreferenceConfig.beta is None: TRL's DPO / IPO default, and the SimPO paper's range (2 - 2.5).
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """objective None trains the LM loss (LossConfig); "dpo", "ipo" or "simpo" trains on pairs
+    {prompt, chosen, rejected} (t5lite.preference, docs/post-training.md). beta: DPO's / SimPO's
+    temperature, IPO's regularisation tau; None: the objective's DEFAULT_BETA. label_smoothing: the
+    probability that a pair's label is flipped (conservative DPO; DPO and SimPO only). simpo_gamma:
+    SimPO's target reward margin."""
+
+    objective: str | None = None
+    beta: float | None = None
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+
+    def __post_init__(self):
+        if self.objective not in (None, *PREFERENCE_OBJECTIVES):
+            raise UserError(f"PreferenceConfig.objective must be None (LM training) or one of "
+                            f"{PREFERENCE_OBJECTIVES}, got {self.objective!r}.")
+        if self.beta is None:
+            object.__setattr__(self, "beta", DEFAULT_BETA.get(self.objective, 0.1))
+        if not self.beta > 0:
+            raise UserError(f"PreferenceConfig.beta must be positive, got {self.beta!r}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"PreferenceConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}.")
+        if self.label_smoothing and self.objective == "ipo":
+            raise UserError("PreferenceConfig.label_smoothing has no meaning for IPO's squared loss; set it to 0.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.objective is not None
+
+    @property
+    def uses_reference(self) -> bool:
+        """DPO and IPO compare with the frozen starting model; SimPO needs none."""
+        return self.objective in ("dpo", "ipo")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -142,6 +185,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    preference: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)
     evals: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoints: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 

@@ -26,11 +26,14 @@ def format_duration(seconds: float) -> str:
 
 def progress_line(step: int, total: int, metrics: Mapping[str, float], rates: Mapping[str, float], eta_s: float) -> str:
     """e.g. 'step  100/1000 | loss 4.3210 | acc 0.231 | lr 1.00e-02 | 2.31 steps/s | 12.3k tok/s (9.8k real) |
-    MFU 41.2% | ETA 6m30s' (MFU when `rates` has it)."""
+    MFU 41.2% | ETA 6m30s' (MFU when `rates` has it). A preference run (no token accuracy) shows its
+    reward accuracy and margin instead of 'acc'."""
     width = len(str(total))
     mfu = f"MFU {rates['mfu']:.1%} | " if "mfu" in rates else ""
+    quality = (f"acc {metrics['accuracy']:.3f} | " if "accuracy" in metrics else
+               f"reward acc {metrics['rewards/accuracies']:.3f} | margin {metrics['rewards/margins']:.3f} | ")
     return (
-        f"step {step:>{width}d}/{total} | loss {metrics['loss']:.4f} | acc {metrics['accuracy']:.3f} | "
+        f"step {step:>{width}d}/{total} | loss {metrics['loss']:.4f} | {quality}"
         f"lr {metrics['learning_rate']:.2e} | {rates['steps_per_s']:.2f} steps/s | "
         f"{rates['tokens_per_s'] / 1e3:.1f}k tok/s ({rates['real_tokens_per_s'] / 1e3:.1f}k real) | "
         f"{mfu}ETA {format_duration(eta_s)}"

@@ -149,8 +149,9 @@ def check_vocabularies(run: TrainConfig, eval_tasks: Sequence[str], model_dir: s
 
 
 def count_real_tokens(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
-    """(non-padding tokens, all token slots) of the model's input and target features."""
-    keys = [k for k in ("encoder_input_tokens", "decoder_target_tokens") if k in batch]
+    """(non-padding tokens, all token slots) of the model's input and target features (both answers of pairs)."""
+    keys = [k for k in ("encoder_input_tokens", "decoder_target_tokens", "chosen_decoder_target_tokens",
+                        "rejected_decoder_target_tokens") if k in batch]
     return (int(sum(np.count_nonzero(batch[k]) for k in keys)), int(sum(batch[k].size for k in keys)))
 
 
@@ -237,7 +238,8 @@ class TrainLoop:
                 stop = self.check_stop(done, metrics)
                 evaluated = None
                 if not stop:
-                    evaluated, stop = self.evaluator.after_step(done, self.state.params, self.model_params)
+                    evaluated, stop = self.evaluator.after_step(done, self.program.eval_params(self.state),
+                                                                self.model_params)
                     self.timer.exclude(self.evaluator.last_seconds)  # eval time is not training time
                     if evaluated is not None:
                         self.eval_results = evaluated
@@ -312,8 +314,9 @@ class TrainLoop:
         message of a non-finite stop."""
         step = int(self.state.step)
         if self.start_step >= self.num_train_steps:  # nothing to train: evaluate what is there
-            self.eval_results = evaluation.teacher_forced_eval(self.evaluator.eval_step, self.state.params,
-                                                               self.evaluator.eval_batches, self.program.mesh)
+            self.eval_results = evaluation.teacher_forced_eval(
+                self.evaluator.eval_step, self.program.eval_params(self.state), self.evaluator.eval_batches,
+                self.program.mesh, self.evaluator.normalize)
         elif self.nonfinite_params_step is None:
             self.ckpt.save_until_written(step, self.state, self.train_batches,
                                          retry_every_s=self.run.checkpoints.retry_every_s)
@@ -374,7 +377,10 @@ def train(run: TrainConfig) -> TrainResult:
     # --- Data ------------------------------------------------------------------------------------
     config = TransformerConfig()
     lengths = dict(run.data.task_feature_lengths)
-    model_type = pipeline.model_type(config.is_encoder_decoder, run.data.prefix_lm)
+    model_type = pipeline.model_type(config.is_encoder_decoder, run.data.prefix_lm, run.preference.enabled)
+    if run.preference.enabled and run.evals.infer_every:
+        raise UserError("A preference run evaluates its pairs teacher-forced (rewards, margins); it decodes "
+                        "nothing: set EvalConfig.infer_every = 0.")
     pipeline.list_tasks_of(run.data.mixture_or_task_name)  # an unknown name fails here, with close matches
     eval_tasks = pipeline.list_tasks_of(run.eval_mixture_or_task_name)
     train_features = check_vocabularies(run, eval_tasks, model_dir)
@@ -408,12 +414,13 @@ def train(run: TrainConfig) -> TrainResult:
     # A resumed run re-runs the steps after its checkpoint: their rows of the attempt that crashed move
     # to metrics.superseded.jsonl, so metrics.jsonl stays one row per step.
     writer = MetricsWriter(model_dir, enabled=is_chief, resumed_at=ckpt.latest_step())
-    eval_step = trainer.jit_eval_step(program.model, program.init.state_shardings.params, mesh, program.rules,
-                                      loss_config=run.loss, adaptation=program.adaptation)
+    eval_step = trainer.jit_eval_step(program.model, program.eval_params_shardings, mesh, program.rules,
+                                      loss_config=run.loss, adaptation=program.adaptation, preference=run.preference)
     evaluator = evaluation.TrainingEvaluator(
         program.model, run.evals, eval_step=eval_step, eval_batches=eval_batches, mesh=mesh, rules=program.rules,
         mixture_or_task_name=run.eval_mixture_or_task_name, task_feature_lengths=lengths, batch_size=batch_size,
-        last_step=num_train_steps, write_metrics=writer.write, verbose=is_chief, prefix_lm=run.data.prefix_lm)
+        last_step=num_train_steps, write_metrics=writer.write, verbose=is_chief, prefix_lm=run.data.prefix_lm,
+        normalize=trainer.eval_normalizer(run.preference))
     if is_chief:
         config_path = run_dir.path(model_dir, run_dir.CONFIG)
 
@@ -429,13 +436,20 @@ def train(run: TrainConfig) -> TrainResult:
               f"steps {int(state.step)}->{num_train_steps}, MODEL_DIR {model_dir}", flush=True)
 
     # --- Loop ------------------------------------------------------------------------------------------
-    timer = observability.IntervalTimer(
-        observability.train_step_flops(config, program.model.input_shapes(batch_size, lengths)),
-        observability.total_peak_flops(jax.devices()))
+    timer = observability.IntervalTimer(step_flops(program.model, run, batch_size, lengths),
+                                        observability.total_peak_flops(jax.devices()))
     loop = TrainLoop(run, program, state, train_batches, evaluator, ckpt, writer, timer, model_dir, num_train_steps,
                      is_chief)
     loop.run_steps()
     return loop.finish()
+
+
+def step_flops(model: trainer.Model, run: TrainConfig, batch_size: int, lengths: Mapping[str, int]) -> float:
+    """Model FLOPs of a train step. Preference pairs: training on both answers of each pair (2x the
+    rows), plus the reference's forward pass (a third of a training pass) for DPO and IPO."""
+    rows = batch_size * (2 if run.preference.enabled else 1)
+    flops = observability.train_step_flops(model.config, model.input_shapes(rows, lengths))
+    return flops * (4 / 3 if run.preference.uses_reference else 1)
 
 
 def _bytes(abstract_tree) -> int:

@@ -263,7 +263,7 @@ def test_the_suite_command_prints_one_table_and_writes_json_and_markdown(data_di
                           "--gin.evaluate.batch_size=4"]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("task "))
-    assert header.split() == ["task", "metric", "value", "stderr", "chance", "n", "seconds"]
+    assert header.split() == ["task", "metric", "value", "stderr", "chance", "n", "seconds", "contaminated"]
     with open(os.path.join(model_dir, "eval", "benchmarks_step_1.json")) as f:
         table = json.load(f)
     assert table["num_fewshot"] == 5
@@ -274,13 +274,35 @@ def test_the_suite_command_prints_one_table_and_writes_json_and_markdown(data_di
     assert rows[("truthfulqa_mc2", "mc2")]["n"] >= 1 and rows[("boolq", "accuracy")]["chance"] == 50.0
     assert all(0 <= r["value"] <= 100 for (t, _), r in rows.items() if "gap" not in t)
     assert rows[("hellaswag", "accuracy")]["seconds"] > 0
+    # Against the default run's training data (base.gin's mixture): a percentage for every task's row.
+    assert all(0 <= r["contaminated"] <= 100 for (t, _), r in rows.items() if "/" not in t and "gap" not in t)
     markdown = open(os.path.join(model_dir, "eval", "benchmarks_step_1.md")).read()
-    assert "| task | metric | value | stderr | chance | n | seconds |" in markdown and "| mmlu/stem |" in markdown
+    assert "| task | metric | value | stderr | chance | n | seconds | contaminated |" in markdown
+    assert "| mmlu/stem |" in markdown
     # The per-example records of the same run feed the error analysis.
     from t5lite import analyze
 
     report = open(analyze.analyze(os.path.join(model_dir, "eval"))).read()
     assert "## mmlu" in report and "### Accuracy by category" in report and "### Wrong predictions" in report
+
+
+def test_the_contamination_column_counts_the_rows_whose_text_the_training_data_holds(data_dir, tmp_path):
+    from t5lite import evaluation
+    from t5lite.data import contamination, pipeline, sources, tasks
+
+    # A training corpus holding ARC-Easy's first question (its 4 choices are 4 rows) and nothing else of it.
+    question = pipeline.raw_texts("arc_easy", "test", limit=1)[0].split("\nAnswer:")[0]
+    corpus = tmp_path / "train.txt"
+    corpus.write_text(f"Some other line of text that has nothing to do with science at all.\n{question}\n")
+    tasks.add_pretraining_task("t5lite_test_holds_an_arc_question",
+                               sources.file_source({"train": str(corpus)}, file_format="text"), objective="lm")
+    reports = contamination.contamination_of_tasks("t5lite_test_holds_an_arc_question", "arc_easy", "test", limit=12)
+    assert reports["arc_easy"].examples == 12 and reports["arc_easy"].contaminated_examples == 4
+    rows = evaluation.benchmark_table({"arc_easy": {"accuracy": 50.0, "chance_accuracy": 25.0, "num_questions": 3}},
+                                      {"arc_easy": 1.0}, lambda task: ["accuracy"],
+                                      {t: r.percent_examples for t, r in reports.items()})
+    assert rows[0]["contaminated"] == pytest.approx(100 / 3)
+    assert "33.33" in evaluation.format_table(rows).splitlines()[1]
 
 
 def _docs_example():
@@ -443,8 +465,8 @@ def test_per_example_loglikelihoods_and_accuracies_equal_the_real_harness(tmp_pa
         lls = [ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)]
         with open(os.path.join(model_dir, "eval", "examples_step_20", f"{task}.jsonl"), encoding="utf-8") as f:
             ours = [json.loads(line) for line in f]
-        # 200 items of each task (ARC: 100 of ARC-Easy and 100 of ARC-Challenge, the excerpts).
-        assert len(ours) == len(requests) and len(items) >= (100 if task.startswith("arc") else 200)
+        # At least 200 items of each task (the excerpts).
+        assert len(ours) == len(requests) and len(items) >= 200
         assert [(r["inputs"], r["targets"]) for r in ours] == [r.arguments for r in requests]
         difference = max(abs(a["score"] - b) for a, b in zip(ours, lls, strict=True))
         assert difference < 1e-4, task

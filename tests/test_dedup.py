@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from t5lite.data import dedup, documents
+from t5lite.data import contamination, dedup, documents
 
 WORDS = ("the quick brown fox jumps over the lazy dog while seven bright stars rise above a quiet "
          "harbour where old sailors mend their nets and sing of distant islands lost beneath the waves").split()
@@ -48,10 +48,10 @@ def test_deduplicate_report_counts_what_it_removed():
 
 def test_contamination_counts_examples_and_ngrams():
     train = [_text(10, 200)]
-    train_ngrams = dedup.training_ngram_set(train, n=13)
+    train_ngrams = contamination.training_ngram_set(train, n=13)
     copied = " ".join(train[0].split()[20:60])  # 40 words copied: all 28 of its 13-grams overlap
     unrelated = " ".join(f"x{i}" for i in range(40))
-    report = dedup.contamination("eval", [copied, unrelated], train_ngrams, n=13)
+    report = contamination.contamination("eval", [copied, unrelated], train_ngrams, n=13)
     assert (report.examples, report.contaminated_examples) == (2, 1)
     assert (report.ngrams, report.overlapping_ngrams) == (56, 28)
     assert report.percent_examples == 50.0 and report.percent_ngrams == 50.0
@@ -60,8 +60,8 @@ def test_contamination_counts_examples_and_ngrams():
 def test_shipped_tiny_shakespeare_validation_is_mostly_not_in_train():
     from t5lite.data import pipeline
 
-    train_ngrams = dedup.training_ngram_set(pipeline.raw_texts("tiny_shakespeare_lm", "train"))
-    report = dedup.contamination("val", pipeline.raw_texts("tiny_shakespeare_lm", "validation"), train_ngrams)
+    train_ngrams = contamination.training_ngram_set(pipeline.raw_texts("tiny_shakespeare_lm", "train"))
+    report = contamination.contamination("val", pipeline.raw_texts("tiny_shakespeare_lm", "validation"), train_ngrams)
     assert report.examples > 100
     assert report.percent_ngrams < 5.0  # distinct plays; a few repeated stock lines at most
 

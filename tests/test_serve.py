@@ -465,3 +465,35 @@ def test_decoder_only_equals_infer_full_queue_gets_429_watch_swaps_checkpoints_a
         assert server.process.wait(60) == 0, server.output()
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_openai_chat_completions_render_the_template_and_answer_as_infer_does_on_the_conversation(tmp_path):
+    model_dir = str(tmp_path / "chat")
+    _save_random_checkpoint(model_dir, 1, 0)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"},
+                {"role": "assistant", "content": "the cat sat"}, {"role": "user", "content": "1 2 3"}]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": messages}) + "\n")
+    output = str(tmp_path / "answers.jsonl")
+    assert infer_lib.main(["--gin_file=gin/runs/infer.gin", *ENCDEC_GIN[1:], f"--gin.MODEL_DIR='{model_dir}'",
+                           "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}",
+                           f"--gin.infer.chat_file='{chats}'", f"--gin.infer.output_path='{output}'"]) == 0
+    with open(output) as f:
+        expected = json.loads(f.readline())["prediction"]
+    server = Server(model_dir, ENCDEC_GIN, *_serve_flags(slots=2, max_prompt_tokens=64, max_new_tokens=8,
+                                                         prompt_buckets=(), prefill_batches=(1,)))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        whole = client.chat.completions.create(model="chat", messages=messages, max_tokens=8, temperature=0)
+        assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+        assert whole.choices[0].message.content == expected and whole.choices[0].finish_reason in ("stop", "length")
+        chunks = list(client.chat.completions.create(model="chat", messages=messages, temperature=0, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+        sampled = client.chat.completions.create(model="chat", messages=messages, temperature=1.0, top_p=0.9, seed=3,
+                                                 n=2, stop=["\n"])
+        assert len(sampled.choices) == 2 and all("\n" not in c.message.content for c in sampled.choices)
+        with pytest.raises(openai.BadRequestError, match="ends with a user turn"):
+            client.chat.completions.create(model="chat", messages=messages[:3], max_tokens=2)
+    finally:
+        server.stop()

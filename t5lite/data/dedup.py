@@ -6,9 +6,9 @@
 Exact mode drops documents whose normalised text (NFKC, lower case, whitespace collapsed) was
 seen before. Near mode finds documents whose word-shingle Jaccard similarity is at least
 `threshold` with MinHash signatures and LSH banding, and keeps the first of each cluster.
-The contamination check reports, per eval set, the percentage of examples sharing at least one
-word n-gram (13 words, as in GPT-3) with the training corpus, and the percentage of their
-n-grams that occur in it.
+The contamination check (t5lite.data.contamination) reports, per eval set, the percentage of
+examples sharing at least one word n-gram (13 words, as in GPT-3) with the training corpus, and
+the percentage of their n-grams that occur in it.
 """
 
 from __future__ import annotations
@@ -17,38 +17,21 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import re
 import sys
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from t5lite.data import documents as documents_lib
+from t5lite.data.contamination import contamination_of_tasks
+from t5lite.data.ngrams import MERSENNE_31, stable_hash31, word_ngrams
 from t5lite.errors import UserError, reports_user_errors
-
-_MERSENNE_31 = (1 << 31) - 1  # hash values and MinHash coefficients stay below it: a*h+b fits in uint64
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def normalize(text: str) -> str:
     """The text two documents must share to count as exact duplicates."""
     return " ".join(unicodedata.normalize("NFKC", text).lower().split())
-
-
-def _stable_hash31(data: str) -> int:
-    """A process-independent 31-bit hash (Python's hash() changes between runs)."""
-    return int.from_bytes(hashlib.blake2b(data.encode("utf-8"), digest_size=8).digest(), "little") % _MERSENNE_31
-
-
-def word_ngrams(text: str, n: int) -> list[str]:
-    """Lower-cased word n-grams; a text shorter than n words gives one n-gram of all its words."""
-    words = _WORD.findall(text.lower())
-    if not words:
-        return []
-    if len(words) < n:
-        return [" ".join(words)]
-    return [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def exact_duplicate_mask(documents: Sequence[str]) -> np.ndarray:
@@ -69,16 +52,16 @@ class MinHasher:
         self.num_permutations = num_permutations
         self.shingle_words = shingle_words
         rng = np.random.default_rng(seed)
-        self._a = rng.integers(1, _MERSENNE_31, num_permutations, dtype=np.uint64)
-        self._b = rng.integers(0, _MERSENNE_31, num_permutations, dtype=np.uint64)
+        self._a = rng.integers(1, MERSENNE_31, num_permutations, dtype=np.uint64)
+        self._b = rng.integers(0, MERSENNE_31, num_permutations, dtype=np.uint64)
 
     def signature(self, text: str) -> np.ndarray:
         """uint64 [num_permutations]; all-max for a text without words (never matches)."""
-        hashes = np.array([_stable_hash31(s) for s in set(word_ngrams(text, self.shingle_words))], np.uint64)
+        hashes = np.array([stable_hash31(s) for s in set(word_ngrams(text, self.shingle_words))], np.uint64)
         if hashes.size == 0:
-            return np.full(self.num_permutations, _MERSENNE_31, np.uint64)
+            return np.full(self.num_permutations, MERSENNE_31, np.uint64)
         # [shingles, permutations]; a * h < 2^62, so no uint64 overflow before the modulus.
-        return ((hashes[:, None] * self._a[None] + self._b[None]) % _MERSENNE_31).min(axis=0)
+        return ((hashes[:, None] * self._a[None] + self._b[None]) % MERSENNE_31).min(axis=0)
 
 
 def near_duplicate_mask(
@@ -104,7 +87,7 @@ def near_duplicate_mask(
         return i
 
     for i, sig in enumerate(signatures):
-        if sig[0] == _MERSENNE_31:  # no words: cannot be a near duplicate
+        if sig[0] == MERSENNE_31:  # no words: cannot be a near duplicate
             continue
         for band in range(num_bands):
             key = (band, sig[band * rows : (band + 1) * rows].tobytes())
@@ -114,43 +97,6 @@ def near_duplicate_mask(
                     first_of_cluster[b] = a  # the earlier document stays the representative
             buckets[key].append(i)
     return np.array([root(i) != i for i in range(len(documents))], bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class ContaminationReport:
-    eval_name: str
-    examples: int
-    contaminated_examples: int
-    ngrams: int
-    overlapping_ngrams: int
-
-    @property
-    def percent_examples(self) -> float:
-        return 100.0 * self.contaminated_examples / max(self.examples, 1)
-
-    @property
-    def percent_ngrams(self) -> float:
-        return 100.0 * self.overlapping_ngrams / max(self.ngrams, 1)
-
-
-def training_ngram_set(train_texts: Iterable[str], n: int = 13) -> set[int]:
-    """Hashes of every word n-gram in the training corpus."""
-    return {_stable_hash31(g) for text in train_texts for g in word_ngrams(text, n)}
-
-
-def contamination(
-    eval_name: str, eval_texts: Iterable[str], train_ngrams: set[int], n: int = 13
-) -> ContaminationReport:
-    """How much of an eval set's text also occurs in the training corpus (word n-gram overlap)."""
-    examples = contaminated = total = overlap = 0
-    for text in eval_texts:
-        hashes = [_stable_hash31(g) for g in word_ngrams(text, n)]
-        hits = sum(h in train_ngrams for h in hashes)
-        examples += 1
-        contaminated += hits > 0
-        total += len(hashes)
-        overlap += hits
-    return ContaminationReport(eval_name, examples, contaminated, total, overlap)
 
 
 def deduplicate(documents: Sequence[str], *, mode: str, threshold: float = 0.8) -> tuple[list[str], dict]:
@@ -215,17 +161,10 @@ def _run_dedup(args) -> dict:
 def _run_contamination(args) -> dict:
     if not args.train_task or not args.eval_task:
         raise UserError("Contamination mode needs --train_task=NAME and --eval_task=NAME[:SPLIT].")
-    from t5lite.data import pipeline  # noqa: PLC0415  (registers the built-in tasks)
-
-    train_ngrams: set[int] = set()
-    for task in pipeline.list_tasks_of(args.train_task):
-        train_ngrams |= training_ngram_set(pipeline.raw_texts(task, "train"), args.ngram)
     results = []
     for spec in args.eval_task:
         name, _, split = spec.partition(":")
-        for task in pipeline.list_tasks_of(name):
-            r = contamination(f"{task}:{split or 'validation'}", pipeline.raw_texts(task, split or "validation"),
-                              train_ngrams, args.ngram)
+        for r in contamination_of_tasks(args.train_task, name, split or "validation", n=args.ngram).values():
             results.append({**dataclasses.asdict(r), "percent_examples": round(r.percent_examples, 3),
                             "percent_ngrams": round(r.percent_ngrams, 3)})
     return {"train_task": args.train_task, "ngram": args.ngram, "eval": results}

@@ -9,6 +9,7 @@ Usage:
 """
 
 import difflib
+import functools
 import hashlib
 import itertools
 from collections.abc import Iterator, Mapping
@@ -17,8 +18,32 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5lite.data import downstream, tasks, zero_shot  # noqa: F401  (register their seqio tasks)
+from t5lite.data import downstream, pairs, tasks, zero_shot  # noqa: F401  (register their seqio tasks)
 from t5lite.errors import UserError
+
+
+class LMFeatureConverter(seqio.LMFeatureConverter):
+    """seqio's causal LM converter, and per-token loss weights where a task gives them: an int32 feature
+    LOSS_WEIGHTS aligned with "targets" (chat SFT: 1 on assistant tokens, tasks.add_chat_task) is
+    trimmed, padded and packed with the targets and multiplies decoder_loss_weights. Packed examples
+    keep their own segment ids and positions, so neither attention nor loss crosses them."""
+
+    LOSS_WEIGHTS = "targets_loss_weights"
+
+    def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        if self.LOSS_WEIGHTS not in ds.element_spec:
+            return super()._convert_features(ds, task_feature_lengths)
+        # seqio's packer drops zeros as padding, which would shift the weights: it packs weights + 1.
+        ds = ds.map(lambda ex: {**ex, self.LOSS_WEIGHTS: ex[self.LOSS_WEIGHTS] + 1})
+        lengths = {**task_feature_lengths, self.LOSS_WEIGHTS: task_feature_lengths["targets"]}
+        return self._pack_or_pad(ds, lengths).map(self._convert_weighted_example,
+                                                  num_parallel_calls=tf.data.AUTOTUNE)
+
+    def _convert_weighted_example(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        converted = dict(self._convert_example(features))
+        converted["decoder_loss_weights"] *= tf.maximum(features[self.LOSS_WEIGHTS] - 1, 0)  # padding: 0
+        return converted
+
 
 # model_type -> seqio feature converter. Output features, all int32 [batch, length]:
 #   encoder_decoder: encoder_input_tokens, encoder_segment_ids, encoder_positions (inputs
@@ -29,16 +54,33 @@ from t5lite.errors import UserError
 # (*_segment_ids and *_positions only when packing.)
 FEATURE_CONVERTERS: dict[str, type[seqio.FeatureConverter]] = {
     "encoder_decoder": seqio.EncDecFeatureConverter,
-    "decoder_only": seqio.LMFeatureConverter,
+    "decoder_only": LMFeatureConverter,  # seqio's, with the per-token loss weights of a task that has them
     "prefix_lm": seqio.PrefixLMFeatureConverter,
 }
+# Preference pairs (PreferenceConfig.objective): one row per pair, never packed; see data/pairs.py.
+PREFERENCE = "preference_"
+FEATURE_CONVERTERS.update({PREFERENCE + m: functools.partial(pairs.PairFeatureConverter, m)
+                           for m in pairs.ANSWER_CONVERTERS})
 
 
-def model_type(is_encoder_decoder: bool, prefix_lm: bool) -> str:
-    """The FEATURE_CONVERTERS key of a model: encoder-decoder, else a prefix LM or a causal LM."""
+def model_type(is_encoder_decoder: bool, prefix_lm: bool, preference: bool = False) -> str:
+    """The FEATURE_CONVERTERS key of a model: encoder-decoder, else a prefix LM or a causal LM; with
+    preference, the same for batches of preference pairs."""
     if is_encoder_decoder:
-        return "encoder_decoder"
-    return "prefix_lm" if prefix_lm else "decoder_only"
+        base = "encoder_decoder"
+    else:
+        base = "prefix_lm" if prefix_lm else "decoder_only"
+    return PREFERENCE + base if preference else base
+
+
+def _task_feature_lengths(model_type: str, lengths: Mapping[str, int]) -> dict[str, int]:
+    """A run's lengths as the converter takes them: pairs give "targets" to each answer."""
+    if not model_type.startswith(PREFERENCE):
+        return dict(lengths)
+    if sorted(lengths) != ["inputs", "targets"]:
+        raise UserError(f"Preference pairs take task_feature_lengths {{'inputs': prompt length, 'targets': answer "
+                        f"length}}, got {dict(lengths)}.")
+    return pairs.task_feature_lengths(lengths)
 
 
 def get_batches(
@@ -77,6 +119,7 @@ def get_batches(
     provider = _get_provider(mixture_or_task_name)
     _check_split(provider, split)
     feature_converter = _feature_converter(model_type, pack)
+    task_feature_lengths = _task_feature_lengths(model_type, task_feature_lengths)
     _check_feature_lengths(provider, model_type, feature_converter, task_feature_lengths)
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}.")
@@ -159,7 +202,8 @@ def batch_feature_shapes(
     task_feature_lengths: Mapping[str, int], *, model_type: str, batch_size: int, pack: bool = True,
 ) -> dict[str, tuple[int, int]]:
     """{feature: (batch_size, length)} of the int32 batches get_batches yields, without reading data."""
-    lengths = _feature_converter(model_type, pack).get_model_feature_lengths(dict(task_feature_lengths))
+    lengths = _feature_converter(model_type, pack).get_model_feature_lengths(
+        _task_feature_lengths(model_type, task_feature_lengths))
     return {name: (batch_size, length) for name, length in lengths.items()}
 
 
@@ -245,6 +289,13 @@ def _check_feature_lengths(
             f"{sorted(task_feature_lengths)}."
         )
     missing = sorted(set(needed) - set(provider.output_features))
+    if missing and set(pairs.SIDES) <= set(provider.output_features):
+        raise UserError(f"{provider.name!r} holds preference pairs ({sorted(provider.output_features)}): train it "
+                        "with PreferenceConfig.objective = 'dpo' (or 'ipo', 'simpo'); see gin/runs/dpo.gin.")
+    if missing and model_type.startswith(PREFERENCE):
+        raise UserError(f"{provider.name!r} has features {sorted(provider.output_features)}, not preference pairs "
+                        f"{list(pairs.TASK_FEATURES)}: register it with tasks.add_preference_task, or set "
+                        "PreferenceConfig.objective = None to train the LM loss.")
     if missing:
         raise UserError(
             f"{provider.name!r} has features {sorted(provider.output_features)}, but model_type "

@@ -9,12 +9,17 @@ Mixtures, "t5lite_default_{objective}": both corpora, each sampled in proportion
 train split's size in characters (WikiText-2 ~10x tiny Shakespeare).
 
 Preprocessing: {"text"} -> rekey to "targets" -> tokenize -> objective (preprocessors.py).
+Chat: squad_chat (encoder-decoder) and squad_chat_lm (causal decoder-only), conversations made of
+SQuAD rows (corpus/squad_chat/); add_chat_task registers your own chat JSONL the same way.
+Preference pairs: tiny_shakespeare_preference (corpus/preference/; gin/runs/dpo.gin);
+add_preference_task registers your own {prompt, chosen, rejected} JSONL.
 Metrics (python -m t5lite.eval, EvalConfig.infer_every): lm and prefix_lm score targets (bits
 per byte); span corruption and UL2 decode the targets (accuracy = exact match of all of them).
 Documents are tiny Shakespeare speeches and WikiText-2 articles (embedded_corpus.py).
 """
 
 import functools
+import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 import seqio
 import tensorflow as tf
 
+from t5lite.data import chat as chat_lib
 from t5lite.data import embedded_corpus, metrics, preprocessors, vocab
 from t5lite.data import multiple_choice as multiple_choice_lib
 from t5lite.data import sources as sources_lib
@@ -201,6 +207,90 @@ def add_instruction_task(
                                metric_fns=metric_fns, vocabulary=vocabulary)
 
 
+CAUSAL_CHAT_SUFFIX = "_lm"  # add_chat_task's task for causal decoder-only models
+
+
+def add_chat_task(
+    name: str,
+    files: str | Mapping[str, str],
+    *,
+    template: chat_lib.ChatTemplate | None = None,
+    hash_splits: Mapping[str, float] | None = None,
+    every_turn: bool = False,
+    vocabulary: seqio.Vocabulary | None = None,
+) -> seqio.Task:
+    """Chat SFT data: JSONL conversations {"messages": [{"role", "content"}, ...]} (data/chat.py).
+    Registers two Tasks over the same rows, and returns the first:
+      name     inputs: the history before the last assistant turn, ending with the template's
+               assistant marker; targets: that turn (every_turn: one example per assistant turn).
+               Encoder-decoder models, or decoder-only ones with DataConfig.prefix_lm=True.
+      name_lm  targets: the whole conversation, with loss weights 1 on every assistant turn and 0 on
+               the rest (pipeline.LMFeatureConverter packs them). Causal decoder-only models.
+    files: a JSONL file (split "train", or the splits of hash_splits, {split: fraction}, drawn from a
+      hash of each conversation) or {split: file}. A bad row fails with file:line and the problem.
+    template: default ChatTemplate() as gin binds it, read when the data is read (after gin parsing).
+    Inputs longer than their feature length lose their oldest tokens, so the turn to answer stays.
+    """
+    if name in seqio.TaskRegistry.names():
+        return seqio.TaskRegistry.get(name)
+    vocabulary = vocabulary or vocab.get_default_vocabulary()
+    encode, eos = vocabulary.encode, vocabulary.eos_id
+
+    def answers(messages: chat_lib.Messages) -> list[dict[str, list[int]]]:
+        pairs = chat_lib.answer_examples(template or chat_lib.ChatTemplate(), messages, encode, eos,
+                                         every_turn=every_turn)
+        return [{"inputs": inputs, "targets": targets} for inputs, targets in pairs]
+
+    def conversations(messages: chat_lib.Messages) -> list[dict[str, list[int]]]:
+        ids, weights = chat_lib.training_tokens(template or chat_lib.ChatTemplate(), messages, encode, eos)
+        return [{"targets": ids, "targets_loss_weights": weights}]
+
+    # Inputs and conversations end with the EOS of the chat format already; answers get theirs after trimming.
+    seqio.TaskRegistry.add(name + CAUSAL_CHAT_SUFFIX, source=_chat_source(files, hash_splits, conversations),
+                           output_features={"targets": seqio.Feature(vocabulary, add_eos=False)}, preprocessors=[])
+    return seqio.TaskRegistry.add(
+        name, source=_chat_source(files, hash_splits, answers),
+        output_features={"inputs": seqio.Feature(vocabulary, add_eos=False),
+                         "targets": seqio.Feature(vocabulary, add_eos=True)},
+        preprocessors=[_keep_last_inputs, seqio.preprocessors.append_eos_after_trim])
+
+
+def _keep_last_inputs(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None = None) -> tf.data.Dataset:
+    """Cuts inputs longer than their feature length at the front: a chat history keeps its latest turns."""
+    if not sequence_length or not sequence_length.get("inputs"):
+        return dataset
+    return dataset.map(lambda ex: {**ex, "inputs": ex["inputs"][-sequence_length["inputs"]:]})
+
+
+def _chat_source(files: str | Mapping[str, str], hash_splits: Mapping[str, float] | None,
+                 to_examples: Callable[[chat_lib.Messages], list[dict[str, list[int]]]]) -> seqio.FunctionDataSource:
+    """A source of int32 token features, to_examples of each conversation of the split's rows."""
+    if not isinstance(files, str) and hash_splits is not None:
+        raise UserError("Give chat files as {split: file}, or one file and hash_splits; not both.")
+    if hash_splits is not None and abs(sum(hash_splits.values()) - 1.0) > 1e-6:
+        raise UserError(f"hash_splits fractions must sum to 1, got {dict(hash_splits)}.")
+    splits = tuple(files) if not isinstance(files, str) else tuple(hash_splits or ("train",))
+
+    def rows_of(split: str) -> list[dict]:
+        if not isinstance(files, str):
+            return _jsonl_rows(files[split], chat_lib.check_messages)
+        rows = _jsonl_rows(files, chat_lib.check_messages)
+        key = lambda row: json.dumps(row["messages"], sort_keys=True)  # noqa: E731
+        return [r for r in rows if not hash_splits or sources_lib.hash_split(key(r), hash_splits) == split]
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        examples = [e for row in rows_of(split) for e in to_examples(row["messages"])]
+        keys = examples[0].keys() if examples else ("targets",)
+        dataset = tf.data.Dataset.from_tensor_slices({k: tf.RaggedTensor.from_row_lengths(
+            tf.constant([t for e in examples for t in e[k]], tf.int32, shape=[sum(len(e[k]) for e in examples)]),
+            tf.constant([len(e[k]) for e in examples], tf.int64, shape=[len(examples)])) for k in keys})
+        if shuffle_files and examples:
+            dataset = dataset.shuffle(len(examples), seed=seed, reshuffle_each_iteration=True)
+        return dataset
+
+    return seqio.FunctionDataSource(dataset_fn, splits=splits)
+
+
 def add_multiple_choice_task(
     name: str,
     files: str | Mapping[str, str],
@@ -257,10 +347,53 @@ def add_multiple_choice_task(
     return multiple_choice_lib.add_task_pair(name, source, metric_fns=metric_fns, vocabulary=vocabulary)[0]
 
 
-def _jsonl_rows(path: str) -> list[dict]:
+def add_preference_task(
+    name: str,
+    files: str | Mapping[str, str],
+    *,
+    prompt_field: str = "prompt",
+    chosen_field: str = "chosen",
+    rejected_field: str = "rejected",
+    vocabulary: seqio.Vocabulary | None = None,
+) -> seqio.Task:
+    """Preference pairs: JSONL rows {prompt, chosen, rejected}, two answers to the prompt, the better
+    one `chosen`. files: one file (the split "train") or {split: file}. Features inputs (the prompt),
+    chosen and rejected, each with EOS and cut to the run's "inputs" / "targets" lengths; trained with
+    PreferenceConfig.objective (DPO, IPO, SimPO), batched by data/pairs.py. A row without the three
+    fields as strings fails with its file and line when the split is read.
+    """
+    if name in seqio.TaskRegistry.names():
+        return seqio.TaskRegistry.get(name)
+    files = {"train": files} if isinstance(files, str) else dict(files)
+    fields = {"inputs": prompt_field, "chosen": chosen_field, "rejected": rejected_field}
+
+    def check(row: dict) -> str | None:
+        bad = [f for f in fields.values() if not isinstance(row.get(f), str)]
+        return f"a preference pair needs the string fields {list(fields.values())}; {bad} missing or not strings" \
+            if bad else None
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        rows = _jsonl_rows(files[split], check)
+        dataset = tf.data.Dataset.from_tensor_slices(
+            {k: tf.constant([r[f] for r in rows], tf.string, shape=[len(rows)]) for k, f in fields.items()})
+        if shuffle_files and rows:
+            dataset = dataset.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+        return dataset
+
+    vocabulary = vocabulary or vocab.get_default_vocabulary()
+    return seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(dataset_fn, splits=tuple(files)),
+        output_features={k: seqio.Feature(vocabulary, add_eos=True) for k in fields},
+        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+        metric_fns=[],
+    )
+
+
+def _jsonl_rows(path: str, check: Callable[[dict], str | None] | None = None) -> list[dict]:
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist.")
-    return sources_lib.read_jsonl(path)
+    return sources_lib.read_jsonl(path, check)
 
 
 def _label_lines(path: str, num_rows: int) -> list[int | str]:
@@ -321,7 +454,16 @@ def _register_byte_level_and_tfds_tasks() -> None:
     add_pretraining_task("c4_span_corruption", sources_lib.tfds_source("c4/en:3.1.0"), objective="span_corruption")
 
 
+SQUAD_CHAT_DIR = os.path.join(os.path.dirname(__file__), "corpus", "squad_chat")
+
+
+PREFERENCE_DIR = os.path.join(os.path.dirname(__file__), "corpus", "preference")
+
+
 def _register_all() -> None:
+    # squad_chat, squad_chat_lm: the shipped chat SFT set (corpus/squad_chat/README.md)
+    add_chat_task("squad_chat", {split: os.path.join(SQUAD_CHAT_DIR, f"{split}.jsonl")
+                                 for split in ("train", "validation")})
     for objective in OBJECTIVES:
         for corpus in CORPORA:
             _register_task(corpus, objective)
@@ -329,6 +471,9 @@ def _register_all() -> None:
             _register_mixture(objective)
     _register_ul2_mixtures()
     _register_byte_level_and_tfds_tasks()
+    # tiny_shakespeare_preference: the shipped pairs (gin/runs/dpo.gin; tests/data/make_preference_pairs.py)
+    add_preference_task("tiny_shakespeare_preference", {
+        split: os.path.join(PREFERENCE_DIR, f"tiny_shakespeare_{split}.jsonl") for split in ("train", "validation")})
 
 
 _register_all()

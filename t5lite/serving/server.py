@@ -3,6 +3,9 @@ Prometheus metrics, feedback; limits, API key, request log. See docs/serving.md.
 
     POST /v1/completions   OpenAI's completions API (prompt, max_tokens, temperature, top_p, top_k,
                            stop, seed, n, stream, logprobs); usage counts in the response
+    POST /v1/chat/completions  OpenAI's chat completions API (messages, max_tokens, temperature, top_p,
+                           top_k, stop, seed, n, stream): the messages rendered by the gin-bound
+                           ChatTemplate (t5lite/data/chat.py), as chat SFT trained the model
     POST /v1/score         {"prompt": str, "continuations": [str, ...]} -> log-likelihoods
     POST /v1/feedback      {"id": "cmpl-...", "rating": number, "comment": str} -> feedback.jsonl
     GET  /v1/models        the model's name and checkpoint step
@@ -35,6 +38,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from t5lite.data import chat
 from t5lite.serving.engine import Engine, EngineConfig, Finished, Request, Token
 
 REQUEST_LOG = "requests.jsonl"
@@ -249,6 +253,22 @@ def parse_completion(body: Any, config: ServeConfig, top_logprobs: int) -> Compl
                             logprobs, bool(options.get("include_usage")))
 
 
+CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop",
+               "seed", "n", "stream", "stream_options", "user"}
+
+
+def parse_chat(body: Any, config: ServeConfig) -> tuple[list[dict], CompletionParams]:
+    """(messages, settings) of a /v1/chat/completions body: the messages checked as chat SFT data is,
+    the settings as /v1/completions reads them (max_tokens by default: as many as the server allows)."""
+    _check_fields(body, CHAT_FIELDS, ["messages"])
+    problem = chat.check_messages(body, to_answer=True)
+    if problem:
+        raise ApiError(400, f"'messages': {problem}", param="messages")
+    settings = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
+    settings["max_tokens"] = body.get("max_completion_tokens", body.get("max_tokens"))
+    return body["messages"], parse_completion({**settings, "prompt": ""}, config, top_logprobs=0)
+
+
 # ---------------------------------------------------------------------------------------- the app
 def build_app(state: ServerState) -> Starlette:
     """The Starlette app serving `state` (its engine once state.ready() has been called)."""
@@ -314,6 +334,21 @@ def build_app(state: ServerState) -> Starlette:
                 raise ApiError(400, f"prompt {i} has {len(ids)} tokens; at most {state.config.max_prompt_tokens} "
                                "are allowed", param="prompt")
             prompt_ids.append(ids)
+        return await run(request, engine, tokenizer, params, prompt_ids, is_chat=False)
+
+    async def chat_completions(request: HttpRequest) -> Response:
+        engine, tokenizer = ready_engine()
+        messages, params = parse_chat(await read_json(request), state.config)
+        # The chat format ends the prompt with EOS itself, whatever ServeConfig.prompt_eos says.
+        ids = chat.prompt_tokens(chat.ChatTemplate(), messages, tokenizer.encode, tokenizer.eos_id)
+        if len(ids) > state.config.max_prompt_tokens:
+            raise ApiError(400, f"the messages take {len(ids)} tokens; at most {state.config.max_prompt_tokens} are "
+                           "allowed", param="messages")
+        return await run(request, engine, tokenizer, params, [ids], is_chat=True)
+
+    async def run(request: HttpRequest, engine: Engine, tokenizer: Tokenizer, params: CompletionParams,
+                  prompt_ids: list[list[int]], *, is_chat: bool) -> Response:
+        """Decodes params.n choices of each prompt: the whole response, or a stream of server-sent events."""
         choices = len(prompt_ids) * params.n
         if choices > engine.config.max_queue:
             raise ApiError(400, f"{len(prompt_ids)} prompts x n={params.n} is {choices} sequences; the server queues "
@@ -344,12 +379,12 @@ def build_app(state: ServerState) -> Starlette:
                 for other in requests:
                     other.cancel()
                 raise ApiError(429, "too many requests waiting; retry later", headers={"Retry-After": "1"})
-        run = CompletionRun(state, tokenizer, params, requests, events, completion_id, arrival, started,
-                            sum(len(ids) for ids in prompt_ids) * params.n)
+        completion = CompletionRun(state, tokenizer, params, requests, events, completion_id, arrival, started,
+                                   sum(len(ids) for ids in prompt_ids) * params.n, chat=is_chat)
         if params.stream:
-            return StreamingResponse(run.stream(request), media_type="text/event-stream",
+            return StreamingResponse(completion.stream(request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await run.whole(request)
+        return await completion.whole(request)
 
     # ------------------------------------------------------------------ score
     async def score(request: HttpRequest) -> Response:
@@ -416,6 +451,7 @@ def build_app(state: ServerState) -> Starlette:
 
     routes = [
         Route("/v1/completions", endpoint("completions", completions), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint("chat_completions", chat_completions), methods=["POST"]),
         Route("/v1/score", endpoint("score", score), methods=["POST"]),
         Route("/v1/feedback", endpoint("feedback", feedback), methods=["POST"]),
         Route("/v1/models", endpoint("models", models), methods=["GET"]),
@@ -427,11 +463,14 @@ def build_app(state: ServerState) -> Starlette:
 
 
 class CompletionRun:
-    """The choices of one /v1/completions request as the engine produces them."""
+    """The choices of one /v1/completions (or, chat: /v1/chat/completions) request as the engine produces them."""
 
     def __init__(self, state: ServerState, tokenizer: Tokenizer, params: CompletionParams, requests: list[Request],
-                 events: asyncio.Queue, completion_id: str, arrival: float, started: float, prompt_tokens: int):
+                 events: asyncio.Queue, completion_id: str, arrival: float, started: float, prompt_tokens: int,
+                 *, chat: bool = False):
         self.state, self.tokenizer, self.params, self.requests = state, tokenizer, params, requests
+        self.chat = chat
+        self.object = "chat.completion" if chat else "text_completion"
         self.events, self.id, self.arrival, self.started = events, completion_id, arrival, started
         self.prompt_tokens = prompt_tokens
         count = len(requests)
@@ -535,14 +574,20 @@ class CompletionRun:
             raise ApiError(503, "the server stopped before the request finished")
         self._log(200)
         return JSONResponse({
-            "id": self.id, "object": "text_completion", "created": int(self.arrival), "model": self.state.model_name,
+            "id": self.id, "object": self.object, "created": int(self.arrival), "model": self.state.model_name,
             "system_fingerprint": self._fingerprint(),
-            "choices": [{"index": i, "text": self.texts[i], "logprobs": self._logprobs(i),
-                         "finish_reason": self.finish[i]} for i in range(len(self.requests))],
+            "choices": [self._choice(i, self.texts[i], self._logprobs(i)) for i in range(len(self.requests))],
             "usage": self._usage()})
 
+    def _choice(self, index: int, text: str, logprobs: dict | None) -> dict:
+        """One choice (streaming: its delta) as the completions or the chat completions API writes it."""
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": self.finish[index]}
+        return {"index": index, "delta" if self.params.stream else "message": {"role": "assistant", "content": text},
+                "logprobs": None, "finish_reason": self.finish[index]}
+
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        payload = {"id": self.id, "object": "text_completion", "created": int(self.arrival),
+        payload = {"id": self.id, "object": self.object + (".chunk" if self.chat else ""), "created": int(self.arrival),
                    "model": self.state.model_name, "system_fingerprint": self._fingerprint(), "choices": choices}
         if usage is not None:
             payload["usage"] = usage
@@ -574,8 +619,7 @@ class CompletionRun:
                         streamed_tokens[i] = len(self.tokens[i])
                         self.sent[i] = upto
                         if delta or self.finish[i] is not None:
-                            yield self._chunk([{"index": i, "text": delta, "logprobs": logprobs,
-                                                "finish_reason": self.finish[i]}])
+                            yield self._chunk([self._choice(i, delta, logprobs)])
                         reported[i] = self.finish[i] is not None
             if self.params.include_usage:
                 yield self._chunk([], self._usage())
@@ -586,5 +630,6 @@ class CompletionRun:
             raise
         finally:
             self.cancel()
-            self.state.metrics.latency.labels("completions").observe(time.monotonic() - self.started)
+            endpoint = "chat_completions" if self.chat else "completions"
+            self.state.metrics.latency.labels(endpoint).observe(time.monotonic() - self.started)
             self._log(status)

@@ -27,8 +27,8 @@ DEFAULT_OUT = os.path.join(HERE, "excerpts")
 
 # (relative path, rows kept): JSON Lines files, cut to their first rows, byte for byte.
 JSONL_HEADS = (
-    ("arc/arc_easy.jsonl", 100),
-    ("arc/arc_challenge.jsonl", 100),
+    ("arc/arc_easy.jsonl", 200),
+    ("arc/arc_challenge.jsonl", 200),
     ("lambada_openai/lambada_openai.jsonl", 100),
     ("winogrande/winogrande.jsonl", 200),
     ("boolq/boolq.jsonl", 200),
