@@ -6,10 +6,13 @@ and how the network's params are made from them (t5lite.peft does the arithmetic
     full / frozen   state params = the model's params; make_adaptation(trainable=[r"^decoder/"]) trains
                     the decoder only: optax.multi_transform gives frozen params set_to_zero updates
                     and no optimizer state.
-    LoRA            state params = {"base": model params (float32, or int8/int4 blockwise with
-                    base_bits), "lora": {kernel name: {"a", "b"}}}. Only "lora" is differentiated and
-                    optimized; every step (and every eval) uses dequantize(base) + (alpha/rank) a b,
-                    merged inside the jitted step. The base is never updated, so it stays quantized.
+    LoRA            state params = {"base": model params (float32, or int8 / int4 / NF4 blockwise with
+                    base_bits), "lora": {kernel name: {"a", "b"}}, and with train_in_full "full":
+                    {param name: float32 param}}. Only "lora" and "full" are differentiated and
+                    optimized; a step's network reads dequantize(base) + (alpha/rank) a b, made float
+                    layer by layer inside the scanned stack (step_params, model/weights.py), and the
+                    "full" params in place of their base values. The base is never updated: it stays
+                    quantized and is the starting model (the reference of preference tuning).
 
 Configured by gin (`make_adaptation.lora_patterns = [r"attention/(query|value)$"]`, ...; see
 gin/runs/finetune_lora.gin). t5lite.trainer builds every train step through an Adaptation;
@@ -33,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5lite import partitioning, peft
 from t5lite.errors import UserError
+from t5lite.model import weights
 
 Params = Any
 LORA_RANK_AXIS = "lora_rank"  # no rule maps it: the rank dimension is replicated
@@ -69,6 +73,11 @@ class FullAdaptation:
         del rng
         return state_params if trainable is None else trainable
 
+    def step_params(self, state_params: Params, trainable: Params | None = None,
+                    rng: jax.Array | None = None) -> Params:
+        """The params a step's network reads (as model_params)."""
+        return self.model_params(state_params, trainable, rng)
+
     def wrap_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
         if not self.freezes:
             return tx
@@ -90,6 +99,10 @@ class FullAdaptation:
 class LoraAdaptation:
     """LoRA factors on the kernels matching `patterns`, the base frozen (and quantized if base_bits).
 
+    train_in_full: regexes of base params trained in full beside the factors (Hugging Face PEFT's
+    modules_to_save), e.g. the final norms and the output layer. Their trained copies are float32 in
+    the state's "full" (never quantized); the base keeps their starting values.
+
     dropout: the adapters are merged into the kernels, so the adapter input x cannot be dropped per
     token as in Hu et al.; instead each step drops input rows of `a` (the same input features for
     every token of the step's batch, scaled by 1 / (1 - dropout)), i.e. x diag(mask) a b.
@@ -102,25 +115,67 @@ class LoraAdaptation:
     base_bits: int | None = None
     block_size: int = 64
     min_quantized_size: int = 4096
+    train_in_full: tuple[str, ...] = ()
+    codebook: str = "int"  # of a quantized base: "int" or "nf4" (base_bits 4)
 
     def adapt(self, params: Params, rng: jax.Array) -> Params:
         lora = peft.init_lora(jax.random.fold_in(rng, 1), params, patterns=self.patterns, rank=self.rank)
         base = params if self.base_bits is None else peft.quantize(
-            params, bits=self.base_bits, block_size=self.block_size, min_size=self.min_quantized_size)
-        return {"base": base, "lora": lora}
+            params, bits=self.base_bits, block_size=self.block_size, min_size=self.min_quantized_size,
+            codebook=self.codebook)
+        adapted = {"base": base, "lora": lora}
+        if self.train_in_full:
+            adapted["full"] = self._full_params(params, lora)
+        return adapted
+
+    def _full_params(self, params: Params, lora: Params) -> dict[str, jax.Array]:
+        full = peft.params_matching(params, self.train_in_full)
+        if not full:
+            raise UserError(f"No parameter matches make_adaptation.lora_train_in_full={list(self.train_in_full)}; "
+                            f"names look like {sorted(peft.params_matching(params, ['.']))[:4]}.")
+        both = sorted(set(full) & set(lora))
+        if both:
+            raise UserError(f"{both} match both make_adaptation.lora_patterns and lora_train_in_full: train each "
+                            "parameter either with LoRA or in full; narrow one of the two.")
+        return full
 
     def trainable_params(self, state_params: Params) -> Params:
-        return state_params["lora"]
+        # Without train_in_full the optimizer sees the factors alone, as in earlier checkpoints.
+        if not self.train_in_full:
+            return state_params["lora"]
+        return {"lora": state_params["lora"], "full": state_params["full"]}
 
     def with_trainable(self, state_params: Params, trainable: Params) -> Params:
-        return {"base": state_params["base"], "lora": trainable}
+        if not self.train_in_full:
+            return {"base": state_params["base"], "lora": trainable}
+        return {"base": state_params["base"], **trainable}
+
+    def step_params(self, state_params: Params, trainable: Params | None = None,
+                    rng: jax.Array | None = None) -> Params:
+        """The base's tree with each adapted kernel a weights.LowRankUpdate (its base kernel, float or
+        quantized, and factors) and each train_in_full param its trained value: the network makes the
+        kernels float where it uses them, one scanned layer at a time (model/weights.py).
+        `trainable` (if given) replaces the state's trainable part; `rng` drops adapter inputs."""
+        trained = self.with_trainable(state_params, trainable) if trainable is not None else state_params
+        lora, full = trained["lora"], trained.get("full", {})
+        if rng is not None and self.dropout > 0:
+            lora = self._drop_adapter_inputs(lora, rng)
+
+        def leaf(name: str, p: Any) -> Any:
+            if name in full:
+                return full[name]
+            if name not in lora:
+                return p
+            return weights.LowRankUpdate(p, lora[name]["a"], lora[name]["b"], scale=self.alpha / self.rank,
+                                         num_input_dims=peft.KERNEL_INPUT_DIMS[name.rsplit("/", 1)[-1]])
+
+        base = state_params["base"]
+        return jax.tree_util.tree_map(leaf, peft.param_names(base), base, is_leaf=_is_quantized)
 
     def model_params(self, state_params: Params, trainable: Params | None = None,
                      rng: jax.Array | None = None) -> Params:
-        lora = state_params["lora"] if trainable is None else trainable
-        if rng is not None and self.dropout > 0:
-            lora = self._drop_adapter_inputs(lora, rng)
-        return peft.merge_lora(peft.dequantize(state_params["base"]), lora, alpha=self.alpha, rank=self.rank)
+        """The model's float params (the whole model at once: eval, decoding, the merged export)."""
+        return weights.materialize(self.step_params(state_params, trainable, rng))
 
     def _drop_adapter_inputs(self, lora: Params, rng: jax.Array) -> Params:
         keep = 1.0 - self.dropout
@@ -136,13 +191,17 @@ class LoraAdaptation:
 
     def state_shardings(self, boxed_shapes: Params, state_params_shapes: Params, mesh: Mesh, rules) -> Params:
         """Base kernels as the model's rules say (quantized: see _quantized_sharding);
-        a [.., in axes, lora_rank], b [.., lora_rank, out axes]."""
+        a [.., in axes, lora_rank], b [.., lora_rank, out axes]; "full" params as their base params."""
         base_shardings = partitioning.logical_shardings(boxed_shapes, mesh, rules)
         base = jax.tree_util.tree_map(
             lambda s, q: _quantized_sharding(s, q) if isinstance(q, peft.QuantizedTensor) else s,
-            base_shardings, state_params_shapes["base"], is_leaf=lambda x: isinstance(x, peft.QuantizedTensor))
-        return {"base": base, "lora": partitioning.logical_shardings(
+            base_shardings, state_params_shapes["base"], is_leaf=_is_quantized)
+        shardings = {"base": base, "lora": partitioning.logical_shardings(
             self.lora_logical_shapes(boxed_shapes, state_params_shapes["lora"]), mesh, rules)}
+        if "full" in state_params_shapes:  # as the float params they copy
+            named = _flat_named(base_shardings)
+            shardings["full"] = {n: named[n] for n in state_params_shapes["full"]}
+        return shardings
 
     def lora_logical_shapes(self, boxed_shapes: Params, lora_shapes: Params) -> Params:
         """The LoRA factors' shapes boxed with logical axis names derived from their kernels'."""
@@ -160,11 +219,20 @@ class LoraAdaptation:
         return out
 
     def num_trainable(self, state_params: Params) -> int:
-        return _count(state_params["lora"])
+        return _count(self.trainable_params(state_params))
 
 
 def _count(tree: Params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, peft.QuantizedTensor)
+
+
+def _flat_named(tree: Params) -> dict[str, Any]:
+    names = jax.tree_util.tree_leaves(peft.param_names(tree))
+    return dict(zip(names, jax.tree_util.tree_leaves(tree, is_leaf=_is_quantized), strict=True))
 
 
 def _flat_boxed(boxed: Params) -> dict[str, nn.LogicallyPartitioned]:
@@ -196,7 +264,9 @@ def make_adaptation(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
+    lora_train_in_full: Sequence[str] = (),
     base_bits: int | None = None,
+    quantize_codebook: str = "int",
     quantize_block_size: int = 64,
     quantize_min_size: int = 4096,
 ) -> Adaptation:
@@ -207,14 +277,21 @@ def make_adaptation(
       [r"^decoder/"] (decoder only), [r"norm/scale$"] (norms only), frozen=[r"token_embedder"].
     lora_patterns: regexes of the dense kernels (or the token embedding) that get LoRA factors of
       rank lora_rank, scaled by lora_alpha / lora_rank, with lora_dropout (see LoraAdaptation);
-      everything else is frozen.
+      everything else is frozen unless lora_train_in_full names it.
+    lora_train_in_full: regexes of params trained in full beside the LoRA factors (PEFT's
+      modules_to_save), e.g. [r'norm/scale$', r'logits_dense$']: the final norm sets the scale of the
+      logits, which frozen keeps LoRA on SST-2's majority class (docs/fine-tuning.md). Kept float32.
     base_bits: 8 or 4 stores the frozen base quantized (blockwise scales over quantize_block_size
       values) for QLoRA-style training; needs lora_patterns. Params smaller than quantize_min_size
-      (norm scales, position-bias tables) stay float32.
+      (norm scales, position-bias tables) stay float32. quantize_codebook: 'int' (evenly spaced
+      codes) or 'nf4' (NormalFloat4, QLoRA's; base_bits 4).
     """
     if base_bits is not None and not lora_patterns:
         raise UserError("make_adaptation.base_bits quantizes a frozen base, which needs LoRA adapters to train: "
                         "set make_adaptation.lora_patterns (e.g. [r'attention/(query|value)$']).")
+    if lora_train_in_full and not lora_patterns:
+        raise UserError("make_adaptation.lora_train_in_full trains params beside LoRA adapters: set "
+                        "make_adaptation.lora_patterns, or train params alone with make_adaptation.trainable.")
     if not lora_patterns:
         return FullAdaptation(None if trainable is None else tuple(trainable), tuple(frozen))
     if trainable is not None or frozen:
@@ -224,8 +301,11 @@ def make_adaptation(
         raise UserError(f"make_adaptation.lora_dropout must be in [0, 1), got {lora_dropout}.")
     if base_bits not in (None, 4, 8):
         raise UserError(f"make_adaptation.base_bits must be None, 8 or 4, got {base_bits}.")
+    if quantize_codebook not in weights.CODEBOOKS or (quantize_codebook == "nf4" and base_bits != 4):
+        raise UserError(f"make_adaptation.quantize_codebook={quantize_codebook!r} with base_bits={base_bits}: use "
+                        "'int' (base_bits 8 or 4) or 'nf4' (base_bits 4).")
     return LoraAdaptation(tuple(lora_patterns), lora_rank, lora_alpha, lora_dropout, base_bits, quantize_block_size,
-                          quantize_min_size)
+                          quantize_min_size, tuple(lora_train_in_full), quantize_codebook)
 
 
 def _nbytes(tree: Params) -> int:
@@ -249,8 +329,11 @@ def summary_lines(adaptation: Adaptation, state_shapes: Any, model_params_shapes
     if isinstance(adaptation, LoraAdaptation):
         lines[0] += (f"; LoRA rank {adaptation.rank}, alpha {adaptation.alpha:g}, dropout {adaptation.dropout:g} on "
                      f"{len(state_shapes.params['lora'])} kernels {sorted(state_shapes.params['lora'])[:3]}...")
+        if adaptation.train_in_full:
+            lines[0] += f"; trained in full: {sorted(state_shapes.params['full'])}"
         bits = adaptation.base_bits
-        base = "float32" if bits is None else f"int{bits} ({adaptation.block_size}/scale)"
+        code = "nf4" if adaptation.codebook == "nf4" else f"int{bits}"
+        base = "float32" if bits is None else f"{code} ({adaptation.block_size}/scale)"
         held = _held_bytes(state_shapes.params["base"])
         lines.append(f"base parameters: {_nbytes(model_params_shapes):,} bytes float32 -> "
                      f"{_nbytes(state_shapes.params['base']):,} bytes {base}"

@@ -1,6 +1,7 @@
 """Parameter-efficient fine-tuning as parameter transforms: freezing, LoRA, weight quantization.
 
-All three act on the params pytree, so the network code is untouched:
+All three act on the params pytree (the network reads quantized and LoRA-updated kernels through
+t5lite.model.weights, layer by layer inside a scanned stack):
 
     labels = trainable_labels(params, trainable=[r"decoder/"])            # freeze all but the decoder
     tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
@@ -8,8 +9,8 @@ All three act on the params pytree, so the network code is untouched:
     lora = init_lora(rng, params, patterns=[r"attention/(query|value)$"], rank=8)
     loss(merge_lora(params, lora, alpha=16, rank=8), batch)               # grads flow to `lora` only
 
-    q = quantize(params, bits=4, block_size=64)                           # int4 base for QLoRA
-    loss(merge_lora(dequantize(q), lora, ...), batch)
+    q = quantize(params, bits=4, block_size=64, codebook="nf4")           # NF4 base for QLoRA
+    loss(merge_lora(dequantize(q), lora, ...), batch)                     # or: adaptation.LoraAdaptation
 
 Parameter names are "/"-joined paths such as "encoder/layers/attention/query" (scanned layers
 keep their leading [layers] axis; LoRA factors get it too).
@@ -17,7 +18,6 @@ keep their leading [layers] axis; LoRA factors get it too).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5lite.errors import UserError
+from t5lite.model.weights import CODEBOOKS, NF4_VALUES, QuantizedTensor, dequantize_tensor, low_rank_delta
 
 Params = Any
 
@@ -37,9 +38,17 @@ KERNEL_INPUT_DIMS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi_0": 1, "wi_
 
 
 def param_names(params: Params) -> Params:
-    """A pytree like params holding each leaf's "/"-joined path."""
+    """A pytree like params holding each leaf's "/"-joined path (a QuantizedTensor is one leaf)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), params)
+        lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), params,
+        is_leaf=lambda x: isinstance(x, QuantizedTensor))
+
+
+def params_matching(params: Params, patterns: Sequence[str]) -> dict[str, jax.Array]:
+    """{name: param} of the params whose names match any of the regexes `patterns`."""
+    names = jax.tree_util.tree_leaves(param_names(params))
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    return {n: p for n, p in zip(names, leaves, strict=True) if _matches(n, patterns)}
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -113,9 +122,7 @@ def init_lora(rng: jax.Array, params: Params, *, patterns: Sequence[str], rank: 
 def lora_delta(factors: dict[str, jax.Array], *, num_layer_dims: int, alpha: float, rank: int) -> jax.Array:
     """(alpha / rank) * a b: a [L.., I.., r] times b [L.., r, O..] -> [L.., I.., O..] (L: layer dims)."""
     a, b = factors["a"], factors["b"]
-    lead = a.shape[:num_layer_dims]
-    delta = jnp.einsum("...ir,...ro->...io", a.reshape(lead + (-1, rank)), b.reshape(lead + (rank, -1)))
-    return (alpha / rank) * delta.reshape(a.shape[:-1] + b.shape[num_layer_dims + 1:])
+    return low_rank_delta(a, b, num_input_dims=a.ndim - 1 - num_layer_dims, scale=alpha / rank)
 
 
 def merge_lora(params: Params, lora: dict[str, dict[str, jax.Array]], *, alpha: float, rank: int) -> Params:
@@ -131,55 +138,48 @@ def merge_lora(params: Params, lora: dict[str, dict[str, jax.Array]], *, alpha: 
 
 
 # --- Weight quantization ----------------------------------------------------------------------------
+# QuantizedTensor and its dequantization live with the model (model/weights.py), which reads them.
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class QuantizedTensor:
-    """Symmetric blockwise integer weights: value ~= codes * scale.
+def quantize_tensor(x: jax.Array, *, bits: int, block_size: int, codebook: str = "int") -> QuantizedTensor:
+    """Blockwise absmax quantization along the last dimension (see QuantizedTensor).
 
-    A block is consecutive values of the last dimension (block_size of them, or the whole
-    dimension if it is shorter; a last block that does not fill up is zero-padded). The other
-    dimensions keep their layout, so the codes can be sharded like the float weights
-    (finetune.LoraAdaptation.state_shardings) and dequantizing needs no communication.
+    codebook "int": round(x / scale) with scale = absmax / (2^(bits-1) - 1); "nf4" (bits=4): the
+    nearest NormalFloat4 value (NF4_VALUES) to x / absmax, QLoRA's code for normally distributed weights.
     """
-
-    codes: jax.Array  # int8 [..., n_blocks, block] (int4 values stored in int8)
-    scale: jax.Array  # float32 [..., n_blocks, 1]
-    shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
-    bits: int = dataclasses.field(metadata={"static": True})
-
-    def nbytes(self) -> int:
-        """Storage with int4 packed two per byte, as a serving format would hold it."""
-        return self.codes.size * self.bits // 8 + self.scale.size * 4
-
-
-def quantize_tensor(x: jax.Array, *, bits: int, block_size: int) -> QuantizedTensor:
     if bits not in (4, 8):
         raise UserError(f"Weight quantization supports 4 or 8 bits, got {bits}.")
-    q_max = 2 ** (bits - 1) - 1
+    if codebook not in CODEBOOKS or (codebook == "nf4" and bits != 4):
+        raise UserError(f"Quantization codebook {codebook!r} with {bits} bits: use 'int' (8 or 4 bits) or "
+                        "'nf4' (4 bits).")
     shape, x = tuple(x.shape), jnp.atleast_1d(x)
     block = min(block_size, x.shape[-1])
     pad = (-x.shape[-1]) % block
     blocks = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], -1, block)
-    scale = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / q_max
+    absmax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    if codebook == "nf4":
+        scale = jnp.where(absmax == 0, 1.0, absmax)
+        # The nearest code: count the midpoints between neighbouring values that lie below x / absmax.
+        midpoints = jnp.asarray((NF4_VALUES[1:] + NF4_VALUES[:-1]) / 2)
+        codes = jnp.searchsorted(midpoints, blocks / scale).astype(jnp.int8)
+        return QuantizedTensor(codes, scale.astype(jnp.float32), shape, bits, codebook)
+    q_max = 2 ** (bits - 1) - 1
+    scale = absmax / q_max
     scale = jnp.where(scale == 0, 1.0, scale)
     codes = jnp.clip(jnp.round(blocks / scale), -q_max, q_max).astype(jnp.int8)
     return QuantizedTensor(codes, scale.astype(jnp.float32), shape, bits)
 
 
-def dequantize_tensor(q: QuantizedTensor) -> jax.Array:
-    values = (q.codes.astype(jnp.float32) * q.scale).reshape(*q.codes.shape[:-2], -1)
-    return values[..., : q.shape[-1] if q.shape else 1].reshape(q.shape)
-
-
-def quantize(params: Params, *, bits: int, block_size: int = 64, min_size: int = 4096) -> Params:
+def quantize(params: Params, *, bits: int, block_size: int = 64, min_size: int = 4096, codebook: str = "int") -> Params:
     """Quantizes every parameter with at least `min_size` elements (kernels, embeddings);
     norms and small tables stay float32."""
     return jax.tree_util.tree_map(
-        lambda p: quantize_tensor(p, bits=bits, block_size=block_size) if p.size >= min_size else p, params)
+        lambda p: quantize_tensor(p, bits=bits, block_size=block_size, codebook=codebook) if p.size >= min_size
+        else p, params)
 
 
 def dequantize(params: Params) -> Params:
+    """Every QuantizedTensor of `params` as float32 (the whole model at once; Model.logits instead
+    dequantizes a scanned stack layer by layer)."""
     return jax.tree_util.tree_map(lambda p: dequantize_tensor(p) if isinstance(p, QuantizedTensor) else p, params,
                                   is_leaf=lambda p: isinstance(p, QuantizedTensor))
 

@@ -199,7 +199,7 @@ def make_train_step(
             count, normalize = "num_pairs", preference_lib.normalize_sums
         grad_sums, sums = grad_and_metric_sums(
             model, trainable, batch, dropout_rng, loss_config, num_microbatches,
-            to_model_params=lambda t: adaptation.model_params(state.params, t, adapter_rng), loss_sums=loss_sums)
+            to_model_params=lambda t: adaptation.step_params(state.params, t, adapter_rng), loss_sums=loss_sums)
         # One division by the global count of real tokens (LM) or pairs: the loss is a mean over them.
         num_tokens = jnp.maximum(sums[count], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / num_tokens, grad_sums)
@@ -271,14 +271,14 @@ def make_eval_step(model: Model, loss_config: LossConfig, adaptation: adaptation
     adaptation = adaptation or adaptation_lib.FullAdaptation()
 
     def eval_step(params, batch):
-        _, sums = model.loss_sums(adaptation.model_params(params), batch, label_smoothing=loss_config.label_smoothing,
+        _, sums = model.loss_sums(adaptation.step_params(params), batch, label_smoothing=loss_config.label_smoothing,
                                   z_loss=loss_config.z_loss)
         return sums
 
     def preference_eval_step(params, batch):
         state_params, reference = params
         reference = preference_lib.reference_params(adaptation, state_params, reference)
-        return preference_lib.loss_sums(model, adaptation.model_params(state_params), batch, config=preference,
+        return preference_lib.loss_sums(model, adaptation.step_params(state_params), batch, config=preference,
                                         reference_params=reference)[1]
 
     return preference_eval_step if preference is not None and preference.enabled else eval_step

@@ -497,3 +497,30 @@ def test_openai_chat_completions_render_the_template_and_answer_as_infer_does_on
             client.chat.completions.create(model="chat", messages=messages[:3], max_tokens=2)
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_request_past_its_deadline_gets_504_or_finish_reason_timeout_and_frees_its_slot(tmp_path):
+    model_dir = str(tmp_path / "deadline")
+    _save_random_checkpoint(model_dir, 1, 0, DECODER_GIN[1])
+    # One slot and a 0.5 s deadline against 4,000 new tokens: each long request must end by its deadline.
+    server = Server(model_dir, DECODER_GIN, *_serve_flags(
+        slots=1, max_prompt_tokens=16, max_new_tokens=4000, prompt_buckets=(), prefill_batches=(1,),
+        request_timeout_s=0.5))
+    try:
+        long = {"prompt": "hello", "max_tokens": 4000, "temperature": 0}
+        whole = server.post("/v1/completions", long)
+        assert whole.status_code == 504, whole.text
+        assert whole.json()["error"] == {"message": "the request took longer than 0.5 s", "type": "timeout",
+                                         "param": None, "code": None}
+        with httpx.Client(timeout=60) as http, http.stream("POST", f"{server.url}/v1/completions",
+                                                           json={**long, "stream": True}) as response:
+            chunks = [json.loads(line[len("data: "):]) for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        assert response.status_code == 200 and chunks[-1]["choices"][0]["finish_reason"] == "timeout"
+        assert len(chunks) > 1  # tokens were streamed before the deadline
+        # The slot is free again: a short request is answered.
+        assert server.post("/v1/completions", {"prompt": "hello", "max_tokens": 2, "temperature": 0}).status_code == 200
+        assert [r["status"] for r in server.log_records()] == [504, 504, 200]
+    finally:
+        server.stop()

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5lite.model import decoding
+from t5lite.model import decoding, weights
 from t5lite.model.config import TransformerConfig
 from t5lite.model.network import build_network
 
@@ -144,6 +144,7 @@ class Model:
         `decode_params = jax.jit(model.decode_params)(params)`. In bfloat16 (TPU) the copy is half
         the size of the float32 params, and a decode with fsdp-sharded params all-gathers half the
         bytes (T5 v1.1 XXL on v5e:2x4, see t5lite.precompile --decode)."""
+        params = weights.materialize(params)  # quantized / LoRA-updated kernels (model/weights.py) as floats
         params = unstack_layers(params) if self.config.scan_layers else params
         return cast_compute_weights(params, self.config.compute_dtype)
 
@@ -180,8 +181,12 @@ class Model:
         }
 
     def logits(self, params, batch: Batch, *, dropout_rng: Array | None = None) -> Array:
-        """[batch, target_length, vocab] float32. Dropout is on iff a dropout_rng is given."""
+        """[batch, target_length, vocab] float32. Dropout is on iff a dropout_rng is given.
+
+        params may hold quantized or LoRA-updated kernels (model/weights.py): those of a scanned layer
+        stack are made float inside the scan, one layer at a time; the others here, once per call."""
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+        params = weights.materialize(params, except_under="layers" if self.config.scan_layers else None)
         return self.module.apply(
             {"params": params}, **self._network_inputs(batch),
             deterministic=dropout_rng is None, rngs=rngs,

@@ -4,6 +4,9 @@ Per stack, one relative-position bias table and one combined [batch, heads, q, k
 bias + segment/causal mask) are built once and broadcast to every layer. Layers are stacked with
 nn.scan (parameters get a leading "layers" axis) unless `scan_layers=False`.
 
+Params may hold quantized or LoRA-updated kernels (model/weights.py): a scanned stack makes its
+layer's float kernels inside the scan body, one layer at a time.
+
 Decoding (`decode_index` given to the Decoder) keeps attention keys/values in the flax "cache"
 collection; under nn.scan its leaves are [batch, layers, ...] (batch first, so decoding code can
 repeat and reorder sequences without knowing the layout).
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5lite.model import weights
 from t5lite.model.config import TransformerConfig
 from t5lite.model.layers import (
     Embed,
@@ -98,14 +102,19 @@ class DecoderLayer(nn.Module):
 
 def run_layers(
     layer_cls: type[nn.Module], cfg: TransformerConfig, num_layers: int, deterministic: bool,
-    x: Array, *broadcast_args, **layer_attributes,
+    x: Array, *broadcast_args, stored_weights: bool = False, **layer_attributes,
 ) -> Array:
     """Applies `num_layers` copies of `layer_cls` (scanned or unrolled, optionally rematted).
 
     Must be called from inside a compact method: the layers become submodules "layers"
     (scanned, params [layers, ...], cache [batch, layers, ...]) or "layers_0".."layers_{n-1}"
     (unrolled). `layer_attributes` are extra module attributes of every layer (e.g. decode).
+    stored_weights: the scanned params hold QuantizedTensor / LowRankUpdate leaves, made float in
+    the scan body for the one layer it runs (weights.materialize_layer); Model.logits makes them
+    float beforehand when the layers are not scanned.
     """
+    if stored_weights and cfg.scan_layers:
+        layer_cls = nn.map_variables(layer_cls, "params", trans_in_fn=weights.materialize_layer)
     if cfg.remat_policy != "none":
         # prevent_cse is unneeded (and slower) inside scan, which already blocks CSE.
         layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy],
@@ -142,7 +151,8 @@ class Encoder(nn.Module):
             max_distance=cfg.relpos_max_distance, name="relpos_bias",
         )(length, length)
         bias = relpos + attention_mask_bias(segment_ids, segment_ids)  # [batch, heads, q, k]
-        x = run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, deterministic, x, bias)
+        x = run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, deterministic, x, bias,
+                       stored_weights=weights.has_stored(self.variables))
         x = RMSNorm(dtype=cfg.compute_dtype, name="encoder_norm")(x)
         return _dropout(cfg, x, deterministic)
 
@@ -194,7 +204,7 @@ class Decoder(nn.Module):
         if cfg.is_encoder_decoder:
             cross_bias = attention_mask_bias(segment_ids, encoder_segment_ids)  # [batch, 1, q, k]
         x = run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, x, self_bias, encoded, cross_bias,
-                       decode_index, decode=decode)
+                       decode_index, decode=decode, stored_weights=weights.has_stored(self.variables))
         x = RMSNorm(dtype=cfg.compute_dtype, name="decoder_norm")(x)
         x = _dropout(cfg, x, deterministic)
         return self._logits(x)
