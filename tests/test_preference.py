@@ -302,3 +302,32 @@ def test_dpo_recipe_trains_end_to_end(tmp_path, objective):
     assert any(r["group"] == "eval/tiny_shakespeare_preference" and "rewards/margins" in r for r in rows)
     results = json.loads((model_dir / "eval_results.json").read_text())["tasks"]["tiny_shakespeare_preference"]
     assert {"loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(results)
+
+
+def _dpo_losses(model_dir, preset: str, mesh: tuple[int, int, int] | None) -> list[float]:
+    """Train losses of 3 DPO steps of the tiny model (from scratch: the reference is the random init),
+    one process; mesh (data, fsdp, tensor) on 8 simulated CPU devices, or None: one device."""
+    flags = [f"--gin.MODEL_DIR='{model_dir}'", "--gin.INITIAL_CHECKPOINT=None", "--gin.TRAIN_STEPS=3",
+             "--gin.BATCH_SIZE=8", "--gin.EvalConfig.every=3", "--gin.EvalConfig.batches=1",
+             "--gin.LoopConfig.log_every=1", "--gin.CheckpointConfig.every=3",
+             f"--gin.TrainConfig.partitioning_preset='{preset}'"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    env.pop("XLA_FLAGS", None)
+    if mesh is not None:
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        flags += [f"--gin.make_mesh.{axis}={size}" for axis, size in zip(("data", "fsdp", "tensor"), mesh, strict=True)]
+    result = subprocess.run([sys.executable, "-m", "t5lite.train", "--gin_file=gin/runs/dpo.gin",
+                             "--gin_file=gin/models/t5_1_1_tiny.gin", *flags], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["group"] == "train"]
+
+
+@pytest.mark.slow
+def test_dpo_gives_the_one_device_losses_with_the_data_and_the_fsdp_tensor_presets_on_8_devices(tmp_path):
+    one_device = _dpo_losses(tmp_path / "one", "dp", None)
+    assert len(one_device) == 3 and one_device[-1] != one_device[0]
+    for preset, mesh in (("dp", (8, 1, 1)), ("fsdp+tp", (1, 4, 2))):
+        losses = _dpo_losses(tmp_path / preset.replace("+", "_"), preset, mesh)
+        np.testing.assert_allclose(losses, one_device, rtol=1e-4, err_msg=preset)
