@@ -89,3 +89,13 @@ def test_read_documents_handles_gzip_and_blocks(tmp_path, separator):
         f.write("one\ntwo\n\nthree\n")
     docs = list(documents.read_documents(str(path), separator=separator))
     assert docs == (["one", "two", "three"] if separator == "line" else ["one\ntwo", "three"])
+
+
+def test_contamination_has_no_hash_collisions_at_corpus_scale():
+    # 200k training 13-grams against 80k eval 13-grams with no word in common: with the 31-bit MinHash
+    # hash about 7 eval n-grams would collide and flag their rows; 64-bit hashes give none.
+    train = [" ".join(f"t{i}" for i in range(200_012))]
+    eval_rows = [" ".join(f"e{r}_{i}" for i in range(52)) for r in range(2000)]
+    report = contamination.contamination("eval", eval_rows, contamination.training_ngram_set(train, n=13), n=13)
+    assert (report.examples, report.ngrams) == (2000, 80_000)
+    assert report.contaminated_examples == 0 and report.overlapping_ngrams == 0

@@ -9,9 +9,15 @@ MERSENNE_31 = (1 << 31) - 1  # hash values and MinHash coefficients stay below i
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
+def stable_hash64(data: str) -> int:
+    """A process-independent 64-bit hash (Python's hash() changes between runs)."""
+    return int.from_bytes(hashlib.blake2b(data.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 def stable_hash31(data: str) -> int:
-    """A process-independent 31-bit hash (Python's hash() changes between runs)."""
-    return int.from_bytes(hashlib.blake2b(data.encode("utf-8"), digest_size=8).digest(), "little") % MERSENNE_31
+    """stable_hash64 reduced below MERSENNE_31, for MinHash's arithmetic. Too small for set membership
+    over a corpus: among 1.9M training n-grams a random one collides with probability ~1e-3."""
+    return stable_hash64(data) % MERSENNE_31
 
 
 def word_ngrams(text: str, n: int) -> list[str]:
