@@ -523,3 +523,25 @@ def test_a_split_smaller_than_one_packed_batch_is_one_padded_batch_for_the_loss(
     weights = batch["decoder_loss_weights"]
     assert weights.shape[0] == 64 and not weights[-1].any()  # filled up with empty rows
     assert weights.sum() == sum(len(ex["targets"]) for ex in examples)  # every continuation token, once
+
+
+def test_scoring_cuts_the_padding_every_row_shares_to_a_power_of_two():
+    import numpy as np
+    import tensorflow as tf
+
+    from t5lite import evaluation
+
+    rows = {"encoder_input_tokens": np.zeros((3, 512), np.int32), "decoder_target_tokens": np.zeros((3, 64), np.int32),
+            "decoder_input_tokens": np.zeros((3, 64), np.int32), "decoder_loss_weights": np.zeros((3, 64), np.int32)}
+    rows["encoder_input_tokens"][0, :70] = 5  # the longest prompt: 70 tokens
+    rows["encoder_input_tokens"][1, :9] = 5
+    rows["decoder_target_tokens"][2, :3] = 7
+    rows["decoder_input_tokens"][2, 1:3] = 7  # starts with 0 (BOS), like every decoder input
+    rows["decoder_loss_weights"][2, :3] = 1
+    dataset = tf.data.Dataset.from_tensor_slices(rows).enumerate()
+    assert evaluation.trimmed_lengths(dataset) == {"encoder_input_tokens": 128, "decoder_target_tokens": 8,
+                                                   "decoder_input_tokens": 8, "decoder_loss_weights": 8}
+    full = {k: np.zeros((2, 16), np.int32) for k in ("encoder_input_tokens", "decoder_target_tokens")}
+    full["encoder_input_tokens"][:, :] = 3
+    lengths = evaluation.trimmed_lengths(tf.data.Dataset.from_tensor_slices(full).enumerate())
+    assert lengths == {"encoder_input_tokens": 16, "decoder_target_tokens": 8}  # never past the padded length

@@ -8,17 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import test_finetune
 
 from t5lite import adaptation as adaptation_lib
 from t5lite import checkpoints, finetune, partitioning, peft, trainer
 from t5lite.errors import UserError
 from t5lite.model import weights
-from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model
 
-TINY = TransformerConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48,
-                         num_encoder_layers=2, num_decoder_layers=2)
-LENGTHS = {"inputs": 10, "targets": 6}
+# The tiny model and batch of tests/test_finetune.py.
+TINY, LENGTHS, model_and_batch = test_finetune.TINY, test_finetune.LENGTHS, test_finetune.model_and_batch
+
 # As gin/runs/finetune_lora.gin: the final norms (and every other norm scale) and the output layer in full.
 IN_FULL = (r"norm/scale$", r"logits_dense$")
 LORA = adaptation_lib.LoraAdaptation(patterns=(r"(query|value|wi_0)$",), rank=4, alpha=8.0, train_in_full=IN_FULL)
@@ -29,15 +29,6 @@ NF4_PUBLISHED = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098
                  -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
                  0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                  0.7229568362236023, 1.0]
-
-
-@pytest.fixture(scope="module")
-def model_and_batch():
-    rng = np.random.default_rng(0)
-    tgt = rng.integers(2, 64, (4, 6)).astype(np.int32)
-    batch = {"encoder_input_tokens": rng.integers(2, 64, (4, 10)).astype(np.int32), "decoder_target_tokens": tgt,
-             "decoder_input_tokens": np.concatenate([np.zeros((4, 1), np.int32), tgt[:, :-1]], 1)}
-    return Model(TINY), batch
 
 
 # --- NF4 ---------------------------------------------------------------------------------------------
