@@ -132,7 +132,7 @@ class LoraAdaptation:
         full = peft.params_matching(params, self.train_in_full)
         if not full:
             raise UserError(f"No parameter matches make_adaptation.lora_train_in_full={list(self.train_in_full)}; "
-                            f"names look like {sorted(peft.params_matching(params, ['.']))[:4]}.")
+                            f"names look like {sorted(peft.named_params(params))[:4]}.")
         both = sorted(set(full) & set(lora))
         if both:
             raise UserError(f"{both} match both make_adaptation.lora_patterns and lora_train_in_full: train each "
@@ -170,7 +170,7 @@ class LoraAdaptation:
                                          num_input_dims=peft.KERNEL_INPUT_DIMS[name.rsplit("/", 1)[-1]])
 
         base = state_params["base"]
-        return jax.tree_util.tree_map(leaf, peft.param_names(base), base, is_leaf=_is_quantized)
+        return jax.tree_util.tree_map(leaf, peft.param_names(base), base, is_leaf=peft.is_quantized)
 
     def model_params(self, state_params: Params, trainable: Params | None = None,
                      rng: jax.Array | None = None) -> Params:
@@ -194,12 +194,12 @@ class LoraAdaptation:
         a [.., in axes, lora_rank], b [.., lora_rank, out axes]; "full" params as their base params."""
         base_shardings = partitioning.logical_shardings(boxed_shapes, mesh, rules)
         base = jax.tree_util.tree_map(
-            lambda s, q: _quantized_sharding(s, q) if isinstance(q, peft.QuantizedTensor) else s,
-            base_shardings, state_params_shapes["base"], is_leaf=_is_quantized)
+            lambda s, q: _quantized_sharding(s, q) if peft.is_quantized(q) else s,
+            base_shardings, state_params_shapes["base"], is_leaf=peft.is_quantized)
         shardings = {"base": base, "lora": partitioning.logical_shardings(
             self.lora_logical_shapes(boxed_shapes, state_params_shapes["lora"]), mesh, rules)}
         if "full" in state_params_shapes:  # as the float params they copy
-            named = _flat_named(base_shardings)
+            named = peft.named_params(base_shardings)
             shardings["full"] = {n: named[n] for n in state_params_shapes["full"]}
         return shardings
 
@@ -224,15 +224,6 @@ class LoraAdaptation:
 
 def _count(tree: Params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-
-def _is_quantized(x: Any) -> bool:
-    return isinstance(x, peft.QuantizedTensor)
-
-
-def _flat_named(tree: Params) -> dict[str, Any]:
-    names = jax.tree_util.tree_leaves(peft.param_names(tree))
-    return dict(zip(names, jax.tree_util.tree_leaves(tree, is_leaf=_is_quantized), strict=True))
 
 
 def _flat_boxed(boxed: Params) -> dict[str, nn.LogicallyPartitioned]:
@@ -310,8 +301,8 @@ def make_adaptation(
 
 def _nbytes(tree: Params) -> int:
     """Bytes of a tree of arrays or ShapeDtypeStructs (quantized tensors at their packed size)."""
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda p: isinstance(p, peft.QuantizedTensor))
-    return sum(p.nbytes() if isinstance(p, peft.QuantizedTensor) else int(np.prod(p.shape)) * p.dtype.itemsize
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=peft.is_quantized)
+    return sum(p.nbytes() if peft.is_quantized(p) else int(np.prod(p.shape)) * p.dtype.itemsize
                for p in leaves)
 
 

@@ -37,18 +37,26 @@ KERNEL_INPUT_DIMS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi_0": 1, "wi_
                      "embedding": 1}
 
 
+def is_quantized(x: Any) -> bool:
+    """A QuantizedTensor: one leaf of a params tree (is_leaf of the tree functions here)."""
+    return isinstance(x, QuantizedTensor)
+
+
 def param_names(params: Params) -> Params:
     """A pytree like params holding each leaf's "/"-joined path (a QuantizedTensor is one leaf)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), params,
-        is_leaf=lambda x: isinstance(x, QuantizedTensor))
+        lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), params, is_leaf=is_quantized)
+
+
+def named_params(params: Params) -> dict[str, Any]:
+    """{name: leaf} of a params-shaped tree (params, their shardings, ...), a QuantizedTensor one leaf."""
+    names = jax.tree_util.tree_leaves(param_names(params))
+    return dict(zip(names, jax.tree_util.tree_leaves(params, is_leaf=is_quantized), strict=True))
 
 
 def params_matching(params: Params, patterns: Sequence[str]) -> dict[str, jax.Array]:
     """{name: param} of the params whose names match any of the regexes `patterns`."""
-    names = jax.tree_util.tree_leaves(param_names(params))
-    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QuantizedTensor))
-    return {n: p for n, p in zip(names, leaves, strict=True) if _matches(n, patterns)}
+    return {n: p for n, p in named_params(params).items() if _matches(n, patterns)}
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -180,11 +188,11 @@ def quantize(params: Params, *, bits: int, block_size: int = 64, min_size: int =
 def dequantize(params: Params) -> Params:
     """Every QuantizedTensor of `params` as float32 (the whole model at once; Model.logits instead
     dequantizes a scanned stack layer by layer)."""
-    return jax.tree_util.tree_map(lambda p: dequantize_tensor(p) if isinstance(p, QuantizedTensor) else p, params,
-                                  is_leaf=lambda p: isinstance(p, QuantizedTensor))
+    return jax.tree_util.tree_map(lambda p: dequantize_tensor(p) if is_quantized(p) else p, params,
+                                  is_leaf=is_quantized)
 
 
 def nbytes(params: Params) -> int:
     """Bytes held by params, quantized tensors at their packed size."""
-    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda p: isinstance(p, QuantizedTensor))
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_quantized)
     return sum(p.nbytes() if isinstance(p, QuantizedTensor) else p.size * p.dtype.itemsize for p in leaves)
