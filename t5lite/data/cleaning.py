@@ -3,9 +3,12 @@
     python -m t5lite.data.cleaning --input=raw.txt[.gz] --output=clean.txt --c4_lines --report=report.json
 
 TextCleaner applies, in order: markup stripping, unicode normalisation, whitespace repair,
-C4-style line heuristics (Raffel et al. 2020, section 2.2), a word blocklist and document length
-filters. It counts, per step, the documents it dropped, the documents it changed and the lines
-it removed. `cleaning_preprocessor` runs the same cleaner inside a seqio Task.
+C4-style line heuristics (Raffel et al. 2020, section 2.2), document filters (length, language
+(language_id.py), a word blocklist scored against a threshold (toxicity.py)), then, on the documents
+kept, emoji to text and PII scrubbing (pii.py). It counts, per step, the documents it dropped, the
+documents it changed and the lines it removed, and per filter what it saw: PII replaced per kind,
+languages identified, blocklist scores. `cleaning_preprocessor` runs the same cleaner inside a seqio
+Task; preprocessors.py has one seqio preprocessor per filter.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import html
 import json
 import re
 import sys
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from t5lite.data.documents import read_documents
+from t5lite.data import language_id, pii, toxicity
+from t5lite.data.documents import SEPARATORS, read_documents
 from t5lite.errors import UserError
 
 _SCRIPT_OR_STYLE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
@@ -48,6 +53,44 @@ def repair_whitespace(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
+@functools.cache
+def _emoji_start() -> re.Pattern:
+    """Matches a character that can start an emoji: most text has none, and the emoji package's
+    tokenizer is slow (about 1 s per MB), so it runs only on text that may hold one. Exact for the
+    Basic Multilingual Plane (a class of ranges there compiles to a bitmap); the astral emoji all lie
+    in U+1F000-1FAFF."""
+    import emoji  # noqa: PLC0415  (only when used)
+
+    ranges: list[list[int]] = []
+    for code in sorted({ord(e[0]) for e in emoji.EMOJI_DATA if not e[0].isascii()} | {0x20E3}):  # 20E3: "1️⃣"
+        if code >= 0x10000:
+            break
+        if ranges and code == ranges[-1][1] + 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+    bmp = "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges)
+    return re.compile(f"[{bmp}\U0001F000-\U0001FAFF]")
+
+
+def emoji_to_text(text: str, delimiters: tuple[str, str] = (":", ":")) -> str:
+    """Each emoji as its CLDR short name between the delimiters: "👍" -> ":thumbs_up:" (emoji package).
+
+    Symbols that are emoji only with the emoji variation selector U+FE0F (©, ®, ™, ♥, ☺, ↔ alone) are
+    text and stay as they are ("© 2024" is not ":copyright: 2024").
+    """
+    if not _emoji_start().search(text):
+        return text
+    import emoji  # noqa: PLC0415
+
+    def name(chars: str, data: dict) -> str:
+        if data["status"] == emoji.STATUS["unqualified"]:
+            return chars
+        return delimiters[0] + data["en"][1:-1] + delimiters[1]
+
+    return emoji.replace_emoji(text, replace=name)
+
+
 def c4_keep_line(line: str, min_words: int = 5) -> bool:
     """C4's line rule: ends in terminal punctuation, has >= min_words words, no boilerplate."""
     stripped = line.strip()
@@ -59,6 +102,15 @@ def c4_keep_line(line: str, min_words: int = 5) -> bool:
     )
 
 
+# Buckets of the blocklist score distribution: matches per document, and matches per word.
+_MATCH_BUCKETS = ((0, "0"), (1, "1"), (2, "2-4"), (5, "5-9"), (10, "10+"))
+_FRACTION_BUCKETS = ((0.0, "0"), (1e-9, "(0, 0.001)"), (0.001, "[0.001, 0.01)"), (0.01, "[0.01, 0.1)"), (0.1, ">= 0.1"))
+
+
+def _bucket(value: float, buckets: tuple[tuple[float, str], ...]) -> str:
+    return [label for low, label in buckets if value >= low][-1]
+
+
 @dataclasses.dataclass
 class CleaningReport:
     documents_in: int = 0
@@ -66,15 +118,44 @@ class CleaningReport:
     documents_dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     documents_changed: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     lines_removed: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    pii_replaced: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # {kind: matches}
+    languages: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # {code: documents}
+    blocklist_matches: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # {bucket: docs}
+    blocklist_fraction: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # {bucket: docs}
+    blocklist_terms: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # {entry: matches}
 
     def as_dict(self) -> dict:
-        return {"documents_in": self.documents_in, "documents_out": self.documents_out,
-                "documents_dropped": dict(self.documents_dropped),
-                "documents_changed": dict(self.documents_changed), "lines_removed": dict(self.lines_removed)}
+        out = {"documents_in": self.documents_in, "documents_out": self.documents_out,
+               "documents_dropped": dict(self.documents_dropped),
+               "documents_changed": dict(self.documents_changed), "lines_removed": dict(self.lines_removed)}
+        if self.pii_replaced:
+            out["pii_replaced"] = dict(self.pii_replaced)
+        if self.languages:
+            out["languages"] = dict(self.languages.most_common())
+        if self.blocklist_matches:
+            out["blocklist_scores"] = {
+                "matches_per_document": {label: self.blocklist_matches[label] for _, label in _MATCH_BUCKETS},
+                "matches_per_word": {label: self.blocklist_fraction[label] for _, label in _FRACTION_BUCKETS},
+                "top_terms": dict(self.blocklist_terms.most_common(20))}
+        return out
 
 
 class TextCleaner:
-    """A configurable chain of cleaning steps with a running CleaningReport."""
+    """A configurable chain of cleaning steps with a running CleaningReport.
+
+    Steps that change text: markup, unicode_form, whitespace; c4_lines (drops lines).
+    Filters that drop documents, as reported under documents_dropped:
+      too_short / too_long  fewer than min_words words / more than max_chars characters.
+      language    keep_languages: codes of the languages to keep (e.g. ("en",); None: no language
+                  filter); a document is identified as its best language when that language's
+                  confidence is at least min_language_confidence, else as "und" (undetermined).
+      blocklist   blocklist: words and phrases (toxicity.load_wordlist("ldnoobw_en") is C4's list); a
+                  document is dropped when it holds at least blocklist_min_count matches AND at least
+                  blocklist_min_fraction matches per word (1 and 0.0: any match drops it, C4's rule).
+    Steps on the documents kept, after the filters:
+      emoji_to_text  each emoji as its name between emoji_delimiters ("👍" -> ":thumbs_up:").
+      scrub_pii      pii_kinds (email, ip, card, phone) replaced by pii_placeholders (pii.py).
+    """
 
     def __init__(
         self,
@@ -85,11 +166,27 @@ class TextCleaner:
         c4_lines: bool = False,
         c4_min_words: int = 5,
         blocklist: Iterable[str] = (),
+        blocklist_min_count: int = 1,
+        blocklist_min_fraction: float = 0.0,
+        keep_languages: Sequence[str] | None = None,
+        min_language_confidence: float = 0.5,
+        emoji_to_text: bool = False,
+        emoji_delimiters: tuple[str, str] = (":", ":"),
+        scrub_pii: bool = False,
+        pii_kinds: Sequence[str] = pii.PII_KINDS,
+        pii_placeholders: Mapping[str, str] | None = None,
         min_words: int = 1,
         max_chars: int | None = None,
     ):
         if unicode_form not in (None, "NFC", "NFKC", "NFD", "NFKD"):
             raise UserError(f"unicode_form={unicode_form!r}; choose NFC, NFKC, NFD, NFKD or None.")
+        if blocklist_min_count < 1 or not 0.0 <= blocklist_min_fraction <= 1.0:
+            raise UserError(f"blocklist_min_count={blocklist_min_count} must be >= 1 and blocklist_min_fraction="
+                            f"{blocklist_min_fraction} in [0, 1].")
+        if not 0.0 <= min_language_confidence <= 1.0:
+            raise UserError(f"min_language_confidence={min_language_confidence} must be in [0, 1].")
+        if len(emoji_delimiters) != 2:
+            raise UserError(f"emoji_delimiters={emoji_delimiters!r}; give (opening, closing), e.g. (':', ':').")
         self.steps: list[tuple[str, Callable[[str], str]]] = []
         if markup:
             self.steps.append(("markup", strip_markup))
@@ -98,9 +195,21 @@ class TextCleaner:
         if whitespace:
             self.steps.append(("whitespace", repair_whitespace))
         self.c4_lines, self.c4_min_words = c4_lines, c4_min_words
-        self.blocklist = frozenset(w.lower() for w in blocklist)
+        self.blocklist = toxicity.BlocklistScorer(blocklist)
+        self.blocklist_min_count, self.blocklist_min_fraction = blocklist_min_count, blocklist_min_fraction
+        self.keep_languages = None if keep_languages is None else tuple(keep_languages)
+        if self.keep_languages is not None:
+            language_id.check_languages(self.keep_languages)
+        self.min_language_confidence = min_language_confidence
+        self.emoji_delimiters = tuple(emoji_delimiters) if emoji_to_text else None
+        self.pii_kinds = pii.check_pii_kinds(pii_kinds) if scrub_pii else ()
+        self.pii_placeholders = dict(pii_placeholders or {})
+        unknown = sorted(set(self.pii_placeholders) - set(pii.PII_KINDS))
+        if unknown:
+            raise UserError(f"pii_placeholders for unknown kinds {unknown}; the kinds are {list(pii.PII_KINDS)}.")
         self.min_words, self.max_chars = min_words, max_chars
         self.report = CleaningReport()
+        self.report.pii_replaced.update(dict.fromkeys(self.pii_kinds, 0))  # a kind never found reports 0
 
     def clean(self, text: str) -> str | None:
         """The cleaned document, or None if a filter dropped it (the reason goes to the report)."""
@@ -119,17 +228,38 @@ class TextCleaner:
         if reason:
             self.report.documents_dropped[reason] += 1
             return None
+        if self.emoji_delimiters:
+            text = self._changed("emoji", text, emoji_to_text(text, self.emoji_delimiters))
+        if self.pii_kinds:
+            scrubbed, counts = pii.scrub_pii(text, kinds=self.pii_kinds, placeholders=self.pii_placeholders)
+            self.report.pii_replaced.update(counts)
+            text = self._changed("pii", text, scrubbed)
         self.report.documents_out += 1
         return text
 
+    def _changed(self, step: str, before: str, after: str) -> str:
+        if after != before:
+            self.report.documents_changed[step] += 1
+        return after
+
     def _drop_reason(self, text: str) -> str | None:
-        words = text.split()
-        if len(words) < self.min_words:
+        words = len(text.split())
+        if words < self.min_words:
             return "too_short"
         if self.max_chars is not None and len(text) > self.max_chars:
             return "too_long"
-        if self.blocklist and any(re.sub(r"\W+", "", w.lower()) in self.blocklist for w in words):
-            return "blocklist"
+        if self.keep_languages is not None:
+            language, _ = language_id.identify_language(text, self.min_language_confidence)
+            self.report.languages[language] += 1
+            if language not in self.keep_languages:
+                return "language"
+        if self.blocklist:
+            score = self.blocklist.score(text)
+            self.report.blocklist_matches[_bucket(score.matches, _MATCH_BUCKETS)] += 1
+            self.report.blocklist_fraction[_bucket(score.fraction, _FRACTION_BUCKETS)] += 1
+            self.report.blocklist_terms.update(score.terms)
+            if score.matches >= self.blocklist_min_count and score.fraction >= self.blocklist_min_fraction:
+                return "blocklist"
         return None
 
 
@@ -160,23 +290,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", action="append", default=[], required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--report")
-    parser.add_argument("--separator", default="line", choices=["line", "blank_line"])
+    parser.add_argument("--separator", default="line", choices=SEPARATORS,
+                        help="documents are lines, blank-line separated blocks or WikiText articles; the output "
+                        "separates them by a newline (line) or a blank line (the others)")
     parser.add_argument("--no_markup", action="store_true")
     parser.add_argument("--unicode_form", default="NFKC")
     parser.add_argument("--c4_lines", action="store_true")
     parser.add_argument("--c4_min_words", type=int, default=5)
-    parser.add_argument("--blocklist", help="file with one blocked word per line")
+    parser.add_argument("--blocklist", help=f"word list: one of {list(toxicity.SHIPPED_WORDLISTS)} (shipped) or a "
+                        "file with one word or phrase per line")
+    parser.add_argument("--blocklist_min_count", type=int, default=1, help="drop at this many matches (default 1)")
+    parser.add_argument("--blocklist_min_fraction", type=float, default=0.0,
+                        help="... and at least this many matches per word (default 0)")
+    parser.add_argument("--keep_languages", help="comma-separated language codes to keep, e.g. en or en,de")
+    parser.add_argument("--min_language_confidence", type=float, default=0.5)
+    parser.add_argument("--emoji_to_text", action="store_true", help='"👍" -> ":thumbs_up:"')
+    parser.add_argument("--emoji_delimiters", nargs=2, default=[":", ":"], metavar=("OPEN", "CLOSE"))
+    parser.add_argument("--scrub_pii", action="store_true", help="replace emails, IPs, card and phone numbers")
+    parser.add_argument("--pii_kinds", default=",".join(pii.PII_KINDS), help="comma-separated subset")
+    parser.add_argument("--pii_placeholder", action="append", default=[], metavar="KIND=TEXT",
+                        help="e.g. email=[email]; default " + " ".join(f"{k}={v}" for k, v in
+                                                                       pii.DEFAULT_PLACEHOLDERS.items()))
     parser.add_argument("--min_words", type=int, default=1)
     parser.add_argument("--max_chars", type=int)
     args = parser.parse_args(argv)
     try:
-        blocklist = ()
-        if args.blocklist:
-            with open(args.blocklist, encoding="utf-8") as f:
-                blocklist = [line.strip() for line in f if line.strip()]
-        cleaner = TextCleaner(markup=not args.no_markup, unicode_form=args.unicode_form or None,
-                              c4_lines=args.c4_lines, c4_min_words=args.c4_min_words, blocklist=blocklist,
-                              min_words=args.min_words, max_chars=args.max_chars)
+        placeholders = dict(p.split("=", 1) for p in args.pii_placeholder if "=" in p)
+        if len(placeholders) != len(args.pii_placeholder):
+            raise UserError(f"--pii_placeholder takes KIND=TEXT, got {args.pii_placeholder}.")
+        cleaner = TextCleaner(
+            markup=not args.no_markup, unicode_form=args.unicode_form or None, c4_lines=args.c4_lines,
+            c4_min_words=args.c4_min_words,
+            blocklist=toxicity.load_wordlist(args.blocklist) if args.blocklist else (),
+            blocklist_min_count=args.blocklist_min_count, blocklist_min_fraction=args.blocklist_min_fraction,
+            keep_languages=args.keep_languages.split(",") if args.keep_languages else None,
+            min_language_confidence=args.min_language_confidence, emoji_to_text=args.emoji_to_text,
+            emoji_delimiters=tuple(args.emoji_delimiters), scrub_pii=args.scrub_pii,
+            pii_kinds=[k for k in args.pii_kinds.split(",") if k], pii_placeholders=placeholders,
+            min_words=args.min_words, max_chars=args.max_chars)
         kept = [c for path in args.input for d in read_documents(path, separator=args.separator)
                 if (c := cleaner.clean(d)) is not None]
     except (UserError, OSError) as e:
@@ -186,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cleaning removed every document: {cleaner.report.as_dict()}", file=sys.stderr)
         return 2
     with open(args.output, "w", encoding="utf-8") as f:
-        f.write(("\n\n" if args.separator == "blank_line" else "\n").join(kept) + "\n")
+        f.write(("\n" if args.separator == "line" else "\n\n").join(kept) + "\n")
     report = json.dumps({"inputs": args.input, "output": args.output, **cleaner.report.as_dict()}, indent=2)
     print(report)
     if args.report:

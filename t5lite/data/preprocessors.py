@@ -10,14 +10,24 @@ chunks, so no token is wasted on padding and document boundaries stay visible:
 
 Randomness comes from seqio.map_over_dataset seeds, so a Task's output is a function of
 the seed passed to get_dataset.
+
+Cleaning filters on the raw text, one each, for a Task's preprocessors before tokenization
+(cleaning.py does the work; for one chain of several filters and its report, use
+cleaning.cleaning_preprocessor with a TextCleaner):
+
+    scrub_pii           emails, IPs, card and phone numbers -> <EMAIL>, <IP>, <CARD>, <PHONE>
+    filter_languages    keeps documents identified as one of the given languages
+    filter_blocklist    drops documents holding listed words (C4's list by default)
+    emoji_to_text       "👍" -> ":thumbs_up:"
 """
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import seqio
 import tensorflow as tf
 
+from t5lite.data import cleaning, pii, toxicity
 from t5lite.errors import UserError
 
 OutputFeatures = Mapping[str, seqio.Feature]
@@ -47,6 +57,62 @@ def concat_and_split_tokens(
 
     token_stream = dataset.map(document_with_eos, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
     return token_stream.batch(chunk_length).map(lambda chunk: {feature_key: chunk})
+
+
+# ------------------------------------------------------------------ cleaning filters
+
+# Each filter alone: none of TextCleaner's other steps, no minimum length.
+_FILTER_ONLY = {"markup": False, "unicode_form": None, "whitespace": False, "min_words": 0}
+
+
+def scrub_pii(
+    dataset: tf.data.Dataset,
+    *,
+    kinds: Sequence[str] = pii.PII_KINDS,
+    placeholders: Mapping[str, str] | None = None,
+    feature: str = "text",
+) -> tf.data.Dataset:
+    """Replaces PII in `feature` (string scalar) by placeholders (pii.scrub_pii); drops nothing."""
+    cleaner = cleaning.TextCleaner(**_FILTER_ONLY, scrub_pii=True, pii_kinds=kinds, pii_placeholders=placeholders)
+    return cleaning.cleaning_preprocessor(cleaner, feature)(dataset)
+
+
+def filter_languages(
+    dataset: tf.data.Dataset,
+    *,
+    keep_languages: Sequence[str] = ("en",),
+    min_confidence: float = 0.5,
+    feature: str = "text",
+) -> tf.data.Dataset:
+    """Keeps examples whose `feature` is identified (language_id.py) as one of keep_languages with at
+    least min_confidence; "und" in keep_languages keeps the low-confidence ones too."""
+    cleaner = cleaning.TextCleaner(**_FILTER_ONLY, keep_languages=keep_languages,
+                                   min_language_confidence=min_confidence)
+    return cleaning.cleaning_preprocessor(cleaner, feature)(dataset)
+
+
+def filter_blocklist(
+    dataset: tf.data.Dataset,
+    *,
+    wordlist: str | Sequence[str] = "ldnoobw_en",
+    min_count: int = 1,
+    min_fraction: float = 0.0,
+    feature: str = "text",
+) -> tf.data.Dataset:
+    """Drops examples whose `feature` holds at least min_count entries of the word list and at least
+    min_fraction entries per word. wordlist: a shipped list's name, a file, or the entries themselves."""
+    entries = toxicity.load_wordlist(wordlist) if isinstance(wordlist, str) else wordlist
+    cleaner = cleaning.TextCleaner(**_FILTER_ONLY, blocklist=entries, blocklist_min_count=min_count,
+                                   blocklist_min_fraction=min_fraction)
+    return cleaning.cleaning_preprocessor(cleaner, feature)(dataset)
+
+
+def emoji_to_text(
+    dataset: tf.data.Dataset, *, delimiters: tuple[str, str] = (":", ":"), feature: str = "text"
+) -> tf.data.Dataset:
+    """Writes each emoji of `feature` as its name between the delimiters ("👍" -> ":thumbs_up:")."""
+    cleaner = cleaning.TextCleaner(**_FILTER_ONLY, emoji_to_text=True, emoji_delimiters=delimiters)
+    return cleaning.cleaning_preprocessor(cleaner, feature)(dataset)
 
 
 # ------------------------------------------------------------------ span corruption
