@@ -33,13 +33,15 @@ from t5lite.errors import UserError
 class DataConfig:
     """mixture_or_task_name: a registered seqio Task or Mixture (import your task module in the gin
     file); task_feature_lengths: {"inputs": n, "targets": m}; batch_size: the global batch (all hosts);
-    prefix_lm: a decoder-only model attends to the inputs of a task bidirectionally."""
+    prefix_lm: a decoder-only model attends to the inputs of a task bidirectionally; split: the split
+    trained on, e.g. 'train[fold=2/5]' (cross-validation, t5lite/data/splits.py)."""
 
     mixture_or_task_name: str = "t5lite_default_span_corruption"
     task_feature_lengths: Mapping[str, int] = dataclasses.field(
         default_factory=lambda: {"inputs": 128, "targets": 32})
     batch_size: int = 16
     prefix_lm: bool = False
+    split: str = "train"
 
     def __post_init__(self):
         _check_positive(self, "batch_size")

@@ -400,7 +400,7 @@ def train(run: TrainConfig) -> TrainResult:
     # The train stream is built first so that a resume can put it back where the checkpoint left it:
     # a resumed run sees exactly the batches an uninterrupted run would have seen.
     train_batches = pipeline.get_batches(
-        run.data.mixture_or_task_name, split="train", shuffle=True, num_epochs=None, seed=run.seed,
+        run.data.mixture_or_task_name, split=run.data.split, shuffle=True, num_epochs=None, seed=run.seed,
         task_feature_lengths=lengths, model_type=model_type, batch_size=batch_size // jax.process_count(),
         # Each host reads only its own shard of every task and feeds its slice of the global batch.
         shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()))

@@ -87,7 +87,20 @@ def data_dir(monkeypatch):
     return directory
 
 
+# The longest test, started first: the docs' commands, one after another (~20 minutes of one CPU).
+_LONGEST_FIRST = ("test_docs_run.py::test_every_docs_command_runs",)
+
+
 def pytest_collection_modifyitems(config, items):
+    """Longest first, then the other slow tests, then the rest: pytest-xdist hands tests out in this
+    order, and a long test started last would run on one worker while the others idle. Then, without
+    the full data sets, the tests that need them are skipped."""
+    def rank(item):
+        if item.nodeid.endswith(_LONGEST_FIRST):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)  # stable: the collection order within each rank
     if _full_data_dir():
         return
     skip = pytest.mark.skip(reason=FULL_DATA_REASON)

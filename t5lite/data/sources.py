@@ -5,6 +5,7 @@
     source = file_source("corpus/*.txt.gz", file_format="text",
                          hash_splits={"train": 0.98, "validation": 0.01, "test": 0.01})
     source = tfds_source("c4/en:3.0.1")          # on a machine that can reach TFDS data
+    source = FoldedSource(source)                 # + k-fold splits: 'train[fold=2/5]' (splits.py)
 
 File sources read their files once per process into memory, check every row and report bad
 ones by file and line (or refuse them, with bad_rows="error"); use TFRecord or TFDS sources
@@ -22,9 +23,11 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5lite.data import splits as splits_lib
 from t5lite.errors import UserError
 
 FILE_FORMATS = ("text", "tsv", "jsonl")
@@ -195,3 +198,55 @@ def tfrecord_source(split_to_pattern: Mapping[str, str | Sequence[str]], text_fe
 def tfds_source(name: str, data_dir: str | None = None, splits: Mapping[str, str] | None = None):
     """A TFDS dataset by name ("c4/en:3.0.1"); splits may map task splits to TFDS split strings."""
     return seqio.TfdsDataSource(tfds_name=name, tfds_data_dir=data_dir, splits=splits)
+
+
+class FoldedSource(seqio.DataSource):
+    """`source` with k-fold cross-validation splits (splits.py), e.g. 'train[fold=2/5,heldout]': a fold
+    split reads its base split in order and keeps its fold's rows; a stratified one reads the base split
+    once more for the labels (`label_field`). For data that fits in memory, as fine-tuning sets do.
+    Plain splits are `source`'s own."""
+
+    def __init__(self, source: seqio.DataSource, label_field: str = "targets"):
+        super().__init__(splits=source.splits, caching_permitted=source.caching_permitted)
+        self._splits = splits_lib.FoldSplits(source.splits)
+        self.source, self.label_field = source, label_field
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return self.source.supports_arbitrary_sharding
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        return [split] if splits_lib.FoldSplit.parse(split) else self.source.list_shards(split)
+
+    def num_input_examples(self, split: str) -> int | None:
+        return None if splits_lib.FoldSplit.parse(split) else self.source.num_input_examples(split)
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                    shard_info: seqio.ShardInfo | None = None, **kwargs) -> tf.data.Dataset:
+        fold = splits_lib.FoldSplit.parse(split)
+        if fold is None:
+            return self.source.get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info, **kwargs)
+        if fold.base not in self.source.splits:
+            raise UserError(f"Split {split!r}: the data has no split {fold.base!r}; it has {list(self.source.splits)}.")
+        whole = self.source.get_dataset(split=fold.base, shuffle=False)
+        if fold.stratified:
+            labels = [row[self.label_field] for row in whole.as_numpy_iterator()]
+            n = len(labels)
+        else:
+            labels, n = None, int(whole.reduce(np.int64(0), lambda count, _: count + 1))
+        keep = np.zeros(n, bool)
+        keep[fold.rows(n, labels)] = True
+        keep = tf.constant(keep)
+
+        def in_split(index, row):
+            return keep[index]
+
+        def row_of(index, row):
+            return row
+
+        dataset = whole.enumerate().filter(in_split).map(row_of)
+        if shard_info:
+            dataset = dataset.shard(shard_info.num_shards, shard_info.index)
+        if shuffle:
+            dataset = dataset.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True)
+        return dataset

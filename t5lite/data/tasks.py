@@ -162,6 +162,7 @@ def add_supervised_task(
     is kept (inputs_pretokenized, targets_pretokenized) for metrics that compare strings.
     keep_fields: further source fields kept under their names (the rest are dropped), for a
       postprocess_fn that builds metric targets from them (e.g. every reference answer).
+    Every split also reads as k-fold cross-validation splits, e.g. 'train[fold=2/5,heldout]' (splits.py).
     vocabulary: default the shipped SentencePiece one; e.g. the spiece.model of a Hugging Face T5
       imported with t5lite.hf_t5 --from_hf, to fine-tune it.
     """
@@ -170,7 +171,7 @@ def add_supervised_task(
     vocabulary = vocabulary or vocab.get_default_vocabulary()
     return seqio.TaskRegistry.add(
         name,
-        source=source,
+        source=sources_lib.FoldedSource(source, label_field=targets_field),
         output_features={"inputs": seqio.Feature(vocabulary, add_eos=True),
                          "targets": seqio.Feature(vocabulary, add_eos=True)},
         preprocessors=[
