@@ -121,32 +121,61 @@ def padded_batches(dataset: tf.data.Dataset, batch_size: int) -> Iterator[tuple[
         yield indices, padded
 
 
-def trimmed_lengths(dataset: tf.data.Dataset, minimum: int = 8) -> dict[str, int]:
-    """{feature: length} that keeps every row of seqio's enumerated model dataset whole: per sequence
-    (the "encoder_" and the "decoder_" features), the smallest power of two (at least `minimum`, at most
-    the padded length) past the last position holding anything but padding in any row.
+def _bucket(used: int, padded: int, minimum: int) -> int:
+    """The smallest power of two past `used` tokens, at least `minimum`, at most the padded length."""
+    return min(padded, max(minimum, 1 << max(used - 1, 0).bit_length()))
+
+
+def _used_lengths(features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{sequence ("encoder" / "decoder"): [rows] positions up to the last one holding anything but padding}
+    of a batch of seqio model features [rows, length]."""
+    used: dict[str, np.ndarray] = {}
+    for name, value in features.items():
+        if value.ndim != 2:
+            continue
+        sequence = name.split("_", 1)[0]
+        last = np.where(value != 0, np.arange(1, value.shape[1] + 1), 0).max(axis=1)
+        used[sequence] = np.maximum(used.get(sequence, 0), last)
+    return used
+
+
+def length_bucketed_batches(dataset: tf.data.Dataset, batch_size: int, minimum: int = 8
+                            ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(indices [n], {feature: [batch_size, length]}) of seqio's enumerated model dataset, for scoring: the
+    rows sorted by the length of their longest sequence (the encoder's for T5; longest first, so a batch
+    too big for memory fails at once), cut into batches, each batch's longest sequence cut to the
+    smallest power of two (at least `minimum`, at most the padded length) past its own last real token,
+    the other sequence to the whole dataset's; the last batch is filled up with empty rows.
 
     Scoring pads every row to the configured lengths (512 prompt tokens in the benchmark suite) though
-    most tasks' prompts are far shorter; cutting the common padding first does the same arithmetic on
-    the real tokens (padding is masked out of attention and loss) in a fraction of the time. Powers of
-    two keep the number of compiled shapes small."""
-    used: dict[str, int] = {}
-    padded: dict[str, int] = {}
-    for _, features in dataset.batch(1024).as_numpy_iterator():
+    most prompts are far shorter, and one long prompt would set the length of every batch. Padding is
+    masked out of attention and loss, so cutting it does the same arithmetic on the real tokens in a
+    fraction of the time; sorting puts rows of like length together (lm-evaluation-harness sorts its
+    requests too). Powers of two of one sequence keep the compiled shapes to a handful (log2 of its
+    length at most). Every process reads every row and sorts them the same way."""
+    indices, features = [], []
+    for index, row in dataset.batch(1024).as_numpy_iterator():
+        indices.append(index)
+        features.append(row)
+    if not indices:
+        return
+    indices = np.concatenate(indices)
+    features = {name: np.concatenate([f[name] for f in features]) for name in features[0]}
+    padded = {name.split("_", 1)[0]: v.shape[1] for name, v in features.items() if v.ndim == 2}
+    used = _used_lengths(features)
+    longest = max(padded, key=padded.get)
+    whole = {seq: _bucket(int(used[seq].max()), padded[seq], minimum) for seq in used}
+    order = np.argsort(-used[longest], kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        lengths = {**whole, longest: _bucket(int(used[longest][rows].max()), padded[longest], minimum)}
+        batch = {}
         for name, value in features.items():
-            if value.ndim != 2:
-                continue
-            sequence = name.split("_", 1)[0]
-            columns = np.flatnonzero(value.any(axis=0))
-            used[sequence] = max(used.get(sequence, 0), int(columns[-1]) + 1 if columns.size else 0)
-            padded[sequence] = value.shape[1]
-    bucket = {seq: min(padded[seq], max(minimum, 1 << max(used[seq] - 1, 0).bit_length())) for seq in used}
-    return {name: bucket[name.split("_", 1)[0]] for name, _ in dataset.element_spec[1].items()
-            if len(dataset.element_spec[1][name].shape) == 1}
-
-
-def _trim(batch: Mapping[str, np.ndarray], lengths: Mapping[str, int]) -> dict[str, np.ndarray]:
-    return {k: v[:, :lengths[k]] if k in lengths else v for k, v in batch.items()}
+            value = value[rows]
+            if value.ndim == 2:
+                value = value[:, :lengths[name.split("_", 1)[0]]]
+            batch[name] = np.pad(value, [(0, batch_size - len(rows))] + [(0, 0)] * (value.ndim - 1))
+        yield indices[rows], batch
 
 
 class InferenceEvaluator:
@@ -203,12 +232,12 @@ class InferenceEvaluator:
                 return out
             return run
 
-        def batches(dataset: tf.data.Dataset, what: str):
-            """padded_batches with a progress line (done / total, rate, ETA) every ~10 s of a long loop."""
+        def batches(dataset: tf.data.Dataset, what: str, make_batches=padded_batches):
+            """make_batches with a progress line (done / total, rate, ETA) every ~10 s of a long loop."""
             n = int(dataset.cardinality())  # seqio's cached eval datasets know their size
             total = -(-n // self._run.batch_size) if n >= 0 else None
             progress = Progress(f"  {what}", total=total, enabled=self.verbose)
-            return progress.track(padded_batches(dataset, self._run.batch_size))
+            return progress.track(make_batches(dataset, self._run.batch_size))
 
         def predict_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, list[int]]]:
             if not decode_params:
@@ -221,9 +250,8 @@ class InferenceEvaluator:
 
         def score_fn(dataset: tf.data.Dataset, model_feature_shapes=None) -> list[tuple[int, float]]:
             out = []
-            lengths = trimmed_lengths(dataset)  # the same on every process: each reads every example
-            for indices, batch in batches(dataset, "score"):
-                scores = self._run.score(params, _trim(batch, lengths))
+            for indices, batch in batches(dataset, "score", length_bucketed_batches):
+                scores = self._run.score(params, batch)
                 out.extend((int(j), float(s)) for j, s in zip(indices, scores, strict=False))
             return out
 

@@ -525,23 +525,29 @@ def test_a_split_smaller_than_one_packed_batch_is_one_padded_batch_for_the_loss(
     assert weights.sum() == sum(len(ex["targets"]) for ex in examples)  # every continuation token, once
 
 
-def test_scoring_cuts_the_padding_every_row_shares_to_a_power_of_two():
+def test_scoring_batches_rows_by_length_and_cuts_each_batch_to_a_power_of_two():
     import numpy as np
     import tensorflow as tf
 
     from t5lite import evaluation
 
-    rows = {"encoder_input_tokens": np.zeros((3, 512), np.int32), "decoder_target_tokens": np.zeros((3, 64), np.int32),
-            "decoder_input_tokens": np.zeros((3, 64), np.int32), "decoder_loss_weights": np.zeros((3, 64), np.int32)}
-    rows["encoder_input_tokens"][0, :70] = 5  # the longest prompt: 70 tokens
-    rows["encoder_input_tokens"][1, :9] = 5
+    n = 5
+    rows = {"encoder_input_tokens": np.zeros((n, 512), np.int32), "decoder_target_tokens": np.zeros((n, 64), np.int32),
+            "decoder_input_tokens": np.zeros((n, 64), np.int32), "decoder_loss_weights": np.zeros((n, 64), np.int32)}
+    for row, prompt in enumerate([9, 70, 3, 20, 200]):
+        rows["encoder_input_tokens"][row, :prompt] = 5
     rows["decoder_target_tokens"][2, :3] = 7
     rows["decoder_input_tokens"][2, 1:3] = 7  # starts with 0 (BOS), like every decoder input
     rows["decoder_loss_weights"][2, :3] = 1
     dataset = tf.data.Dataset.from_tensor_slices(rows).enumerate()
-    assert evaluation.trimmed_lengths(dataset) == {"encoder_input_tokens": 128, "decoder_target_tokens": 8,
-                                                   "decoder_input_tokens": 8, "decoder_loss_weights": 8}
-    full = {k: np.zeros((2, 16), np.int32) for k in ("encoder_input_tokens", "decoder_target_tokens")}
-    full["encoder_input_tokens"][:, :] = 3
-    lengths = evaluation.trimmed_lengths(tf.data.Dataset.from_tensor_slices(full).enumerate())
-    assert lengths == {"encoder_input_tokens": 16, "decoder_target_tokens": 8}  # never past the padded length
+    batches = list(evaluation.length_bucketed_batches(dataset, batch_size=2))
+    assert [indices.tolist() for indices, _ in batches] == [[4, 1], [3, 0], [2]]  # longest prompts first
+    assert [b["encoder_input_tokens"].shape for _, b in batches] == [(2, 256), (2, 32), (2, 8)]
+    assert all(b["decoder_target_tokens"].shape == (2, 8) for _, b in batches)  # the whole dataset's bucket
+    for indices, batch in batches:  # nothing real cut; the last batch filled up with an empty row
+        for name, value in batch.items():
+            assert (value[:len(indices)] == rows[name][indices, :value.shape[1]]).all()
+            assert not rows[name][indices, value.shape[1]:].any() and not value[len(indices):].any()
+    full = {k: np.full((2, 16), 3, np.int32) for k in ("encoder_input_tokens", "decoder_target_tokens")}
+    [(_, batch)] = evaluation.length_bucketed_batches(tf.data.Dataset.from_tensor_slices(full).enumerate(), 4)
+    assert batch["encoder_input_tokens"].shape == (4, 16)  # never past the padded length
