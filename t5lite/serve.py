@@ -143,8 +143,9 @@ def start_engine(args: argparse.Namespace, config: ServeConfig, state: ServerSta
                         mesh=loader.mesh, rules=loader.rules, observe_step=state.observe_step)
         engine.start()
         state.ready(engine, tokenizer)
-        print(f"serve: ready: checkpoint {step}, {config.slots} slots, compiled in "
-              f"{time.perf_counter() - started:.1f} s", flush=True)
+        mesh = " x ".join(f"{name} {size}" for name, size in loader.mesh.shape.items() if size > 1) or "one device"
+        print(f"serve: ready: checkpoint {step}, {config.slots} slots, {config.partitioning_preset} on {mesh}, "
+              f"compiled in {time.perf_counter() - started:.1f} s", flush=True)
         if args.watch:
             threading.Thread(target=watch, args=(loader, state, args.watch_interval_s, stop), daemon=True).start()
     except UserError as e:

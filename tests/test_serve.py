@@ -124,6 +124,18 @@ def test_engine_rows_at_their_own_positions_equal_one_at_a_time_greedy_and_short
         engine.submit(cancelled)
         assert ended.done.wait(60) and ended.reasons == ["timeout", "cancelled"]
         assert engine.busy_slots() == 0 and engine.queue_depth() == 0
+
+        # A device error in the decode loop ends the requests in flight as "error" (not never) and the
+        # engine refuses new ones, saying why.
+        def fails(*args):
+            raise RuntimeError("device lost")
+
+        engine._compiled_step = fails
+        broken = Collector(1)
+        assert engine.submit(Request(prompt=prompts[0], max_new_tokens=4, emit=broken.emit(0)))
+        assert broken.done.wait(60) and broken.reasons == ["error"]
+        assert engine.failure == "RuntimeError: device lost"
+        assert not engine.submit(Request(prompt=prompts[0], max_new_tokens=4, emit=broken.emit(0)))
     finally:
         engine.stop()
 
@@ -168,7 +180,7 @@ def _free_port():
 class Server:
     """python -m t5lite.serve in a subprocess, ready (compiled) when started."""
 
-    def __init__(self, model_dir, gin_args, *flags, api_key=None):
+    def __init__(self, model_dir, gin_args, *flags, api_key=None, env=None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model_dir = model_dir
@@ -181,7 +193,8 @@ class Server:
             args.append(f"--api_key_file={key_file}")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.log = open(os.path.join(model_dir, "server.log"), "w")  # noqa: SIM115
-        self.process = subprocess.Popen(args, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(args, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output()
@@ -522,5 +535,43 @@ def test_a_request_past_its_deadline_gets_504_or_finish_reason_timeout_and_frees
         # The slot is free again: a short request is answered.
         assert server.post("/v1/completions", {"prompt": "hello", "max_tokens": 2, "temperature": 0}).status_code == 200
         assert [r["status"] for r in server.log_records()] == [504, 504, 200]
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_hugging_face_t5_imported_serves_under_the_tp_preset_what_hf_generate_gives(tmp_path):
+    """A MODEL_DIR made by `t5lite.hf_t5 --from_hf` (config.gin and vocabulary from the import), its heads
+    split over 2 simulated devices (tp): greedy completions equal transformers' generate on the same ids."""
+    import torch
+    import transformers
+
+    from t5lite import hf_t5
+    from t5lite.data.vocab import get_default_vocabulary
+
+    cfg = transformers.T5Config(vocab_size=8192, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf_model = transformers.T5ForConditionalGeneration(cfg).eval()
+    hf_dir, model_dir = str(tmp_path / "hf"), str(tmp_path / "imported")
+    hf_model.save_pretrained(hf_dir)
+    vocabulary = get_default_vocabulary()
+    hf_t5.save_hf_tokenizer(vocabulary, hf_dir)
+    assert hf_t5.main([f"--from_hf={hf_dir}", f"--output={model_dir}"]) == 0
+
+    expected = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([[*vocabulary.encode(prompt), 1]])
+        out = hf_model.generate(ids, max_new_tokens=8, do_sample=False)[0, 1:].tolist()  # after the start id 0
+        expected.append(vocabulary.decode(out[:out.index(1)] if 1 in out else out))
+    server = Server(model_dir, [], *_serve_flags(partitioning_preset="tp", slots=4, max_prompt_tokens=16,
+                                                  max_new_tokens=8, prompt_buckets=(8, 16), prefill_batches=(1, 4)),
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        got = client.completions.create(model="imported", prompt=PROMPTS, max_tokens=8, temperature=0)
+        assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == expected
+        assert "serve: ready: checkpoint 0, 4 slots, tp on tensor 2," in server.output()
     finally:
         server.stop()

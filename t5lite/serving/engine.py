@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -142,9 +143,8 @@ class Engine:
         self._to_decode_layout = jax.jit(model.decode_params)
         # raw_params: as restored (scoring runs the training network); params: the decode layout.
         self.raw_params, self.params, self.params_step = params, self._to_decode_layout(params), step
-        self._params_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         self._compile()
-        self.state = self._fresh_state()
+        self.state = self._placed_fresh_state()
         s = c.slots
         self.requests: list[Request | None] = [None] * s
         self.tokens = np.zeros(s, np.int32)
@@ -159,10 +159,19 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.failure: str | None = None  # why the decode thread died (a device error): no request is served
 
     # ---------------------------------------------------------------- programs
-    def _jit(self, fn, donate: tuple[int, ...] = ()):
-        return jax.jit(partitioning.with_sharding_rules(fn, self.mesh, self.rules), donate_argnums=donate)
+    def _jit(self, fn, donate: tuple[int, ...] = (), out_shardings=None):
+        return jax.jit(partitioning.with_sharding_rules(fn, self.mesh, self.rules), donate_argnums=donate,
+                       out_shardings=out_shardings)
+
+    def _slot_sharding(self, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
+        """Where a [slots, ...] array of the decode state lives: its rows split over the mesh's data axis
+        (dp) when they divide evenly, else on every device (tp: the params carry the split)."""
+        data = self.mesh.shape["data"]
+        split = data > 1 and len(shape) > 0 and shape[0] % data == 0
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data" if split else None))
 
     def _decode(self, params, cache, tokens, position, encoder_segment_ids=None, encoded=None, prefix_lengths=None):
         """One cached decoder call: (logits [batch, n, vocab], cache)."""
@@ -197,6 +206,9 @@ class Engine:
         elif c.prefix_lm:
             state["prefix_lengths"] = jnp.zeros((s,), jnp.int32)
         return state
+
+    def _placed_fresh_state(self) -> dict[str, Array]:
+        return jax.device_put(self._fresh_state(), self._state_shardings)
 
     def _prefill(self, params, state, prompts, prompt_lengths, slots, keys):
         """Writes the caches of new requests into `slots` ([rows]; out-of-range rows are padding).
@@ -262,26 +274,37 @@ class Engine:
         c, s = self.config, self.config.slots
         i32, f32 = jnp.int32, jnp.float32
 
-        def spec(shape, dtype=i32):
-            return jax.ShapeDtypeStruct(shape, dtype)
+        # Compiled executables accept only the shardings they were compiled for: every input names its
+        # own (the params as restored onto the mesh, the state by _slot_sharding, host arrays on every
+        # device), and the state comes out placed as it went in, to be passed back at the next call.
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
-        params = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), self.params)
-        state = jax.eval_shape(self._fresh_state)
+        def spec(shape, dtype=i32, sharding=replicated):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        def placed(tree):
+            return jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, x.sharding), tree)
+
+        shapes = jax.eval_shape(self._fresh_state)
+        self._state_shardings = jax.tree_util.tree_map(lambda x: self._slot_sharding(x.shape), shapes)
+        state = jax.tree_util.tree_map(lambda x, sh: spec(x.shape, x.dtype, sh), shapes, self._state_shardings)
+        slots = self._slot_sharding((s,))
         started = time.perf_counter()
-        self._compiled_step = self._jit(self._steps, donate=(1,)).lower(
-            params, state, spec((s,)), spec((s,)), spec((s,), f32), spec((s,)), spec((s,), f32),
-            spec((), jnp.bool_)).compile()
+        step = self._jit(self._steps, donate=(1,), out_shardings=(self._state_shardings, *[None] * 4))
+        self._compiled_step = step.lower(
+            placed(self.params), state, spec((s,), i32, slots), spec((s,), i32, slots), spec((s,), f32, slots),
+            spec((s,), i32, slots), spec((s,), f32, slots), spec((), jnp.bool_)).compile()
         self._compiled_prefill = {}
         extra = 0 if self.encoder_decoder else 1  # BOS
-        prefill = self._jit(self._prefill, donate=(1,))
+        prefill = self._jit(self._prefill, donate=(1,), out_shardings=self._state_shardings)
         for rows in c.batches:
             for length in c.buckets:
                 self._compiled_prefill[rows, length] = prefill.lower(
-                    params, state, spec((rows, length + extra)), spec((rows,)), spec((rows,)),
+                    placed(self.params), state, spec((rows, length + extra)), spec((rows,)), spec((rows,)),
                     spec((rows, 2), jnp.uint32)).compile()
         batch = self.score_shapes()
         self._compiled_score = self._jit(self._score).lower(
-            self._params_shapes, {k: spec(v) for k, v in batch.items()}).compile()
+            placed(self.raw_params), {k: spec(v) for k, v in batch.items()}).compile()
         self.compile_seconds = time.perf_counter() - started
 
     # ---------------------------------------------------------------- scoring
@@ -360,6 +383,24 @@ class Engine:
 
     # ---------------------------------------------------------------- the loop
     def _run(self) -> None:
+        reason = "cancelled"
+        try:
+            self._loop()
+        except Exception as e:  # noqa: BLE001  a device or runtime error: end every request now, not never
+            self.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            traceback.print_exc()
+            reason = "error"
+        with self.lock:
+            self._stopping = True  # submit() refuses from now on
+        for slot, request in enumerate(self.requests):
+            if request is not None:
+                self._free(slot, reason)
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        for request in waiting:
+            request.emit(Finished(reason, None))
+
+    def _loop(self) -> None:
         while True:
             with self.lock:
                 while (not self._stopping and not self.waiting and self.busy_slots() == 0
@@ -375,13 +416,6 @@ class Engine:
                 self._admit()
             if self.busy_slots():
                 self._decode_step()
-        for slot, request in enumerate(self.requests):
-            if request is not None:
-                self._free(slot, "cancelled")
-        with self.lock:
-            waiting, self.waiting = list(self.waiting), collections.deque()
-        for request in waiting:
-            request.emit(Finished("cancelled", None))
 
     def _ended(self, request: Request, now: float) -> str | None:
         if request.cancelled:

@@ -150,7 +150,7 @@ class ServerState:
         self.engine, self.tokenizer = engine, tokenizer
 
     def is_ready(self) -> bool:
-        return self.engine is not None and not self.draining
+        return self.engine is not None and not self.draining and not self.engine.failure
 
     def append(self, path: str, record: dict) -> None:
         with self._log_lock, open(path, "a", encoding="utf-8") as f:
@@ -303,6 +303,8 @@ def build_app(state: ServerState) -> Starlette:
         if state.engine is None or state.tokenizer is None:
             raise ApiError(503, "the model is still loading and compiling; retry when /readyz says ready",
                            headers={"Retry-After": "5"})
+        if state.engine.failure:
+            raise ApiError(503, f"the decode engine failed ({state.engine.failure}); restart the server")
         return state.engine, state.tokenizer
 
     def endpoint(name: str, handler, *, public: bool = False):
@@ -442,7 +444,9 @@ def build_app(state: ServerState) -> Starlette:
     async def readyz(request: HttpRequest) -> Response:
         if state.is_ready():
             return JSONResponse({"status": "ready", "checkpoint_step": state.engine.params_step})
-        reason = "draining" if state.draining else (state.failed or "loading")
+        failure = state.engine.failure if state.engine is not None else None
+        reason = "draining" if state.draining else (
+            state.failed or (f"engine failed: {failure}" if failure else "loading"))
         return JSONResponse({"status": reason}, status_code=503)
 
     async def metrics(request: HttpRequest) -> Response:
@@ -569,6 +573,9 @@ class CompletionRun:
         if "timeout" in self.finish:
             self._log(504)
             raise ApiError(504, f"the request took longer than {self.state.config.request_timeout_s} s")
+        if "error" in self.finish:  # the decode engine died (its traceback is in the server's log)
+            self._log(500)
+            raise ApiError(500, f"the decode engine failed ({self.state.engine.failure}); restart the server")
         if "cancelled" in self.finish:  # the server is shutting down
             self._log(503)
             raise ApiError(503, "the server stopped before the request finished")
