@@ -1,13 +1,16 @@
-"""Training throughput of t5lite vs PyTorch Hugging Face T5 peers, measured in one run, one table.
+"""Training throughput of t5lite vs PyTorch Hugging Face peers (T5, Llama), measured in one run, one table.
 
     python bench/train_throughput.py [--peer_python ~/peer-venv/bin/python] [--steps 6] [--warmup 2]
-        [--rounds 1] [--only encdec|decoder]
+        [--rounds 1] [--only encdec|decoder|llama]
 
 Shapes (float32, AdamW(1e-3), dropout 0, random token ids, tokens counted as all positions):
   encdec   T5 v1.1 small (d_model 512, d_ff 1024, 8+8 layers, 6 heads x 64, vocab 32128), batch 8,
            512 inputs + 114 targets; peer: ../shared/bench/peers/hf_t5_train.py (same setting).
   decoder  the same decoder stack as a decoder-only LM (8 layers, no cross-attention), batch 8,
            512 tokens; peer: bench/hf_t5_decoder_only_peer.py (HF's T5 decoder stack + LM head).
+  llama    gin/models/llama_small.gin with Llama's 32000 ids (d_model 512, d_ff 1408, 8 layers, 8 heads
+           x 64 sharing 2 key/value heads, RoPE, SwiGLU), batch 8, 512 tokens; peer:
+           bench/hf_llama_peer.py (transformers' LlamaForCausalLM, the same shape).
 t5lite runs with nn.scan over layers (the default) and unrolled. Every row runs in its own
 process, so its peak host memory (max RSS, from os.wait4) is its own; rows of one round run one
 after another, and --rounds N repeats the table's rows N times interleaved, keeping each row's
@@ -42,10 +45,15 @@ from t5lite.model.models import Model  # noqa: E402
 BENCH = os.path.dirname(os.path.abspath(__file__))
 PEER = os.path.join(BENCH, "..", "..", "shared", "bench", "peers", "hf_t5_train.py")
 DECODER_PEER = os.path.join(BENCH, "hf_t5_decoder_only_peer.py")
+LLAMA_PEER = os.path.join(BENCH, "hf_llama_peer.py")
 
 T5_1_1_SMALL = TransformerConfig(vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
                                  num_encoder_layers=8, num_decoder_layers=8, dropout_rate=0.0)
 DECODER_ONLY_SMALL = dataclasses.replace(T5_1_1_SMALL, architecture="decoder_only")
+LLAMA_SMALL = TransformerConfig(architecture="decoder_only", vocab_size=32000, emb_dim=512, num_heads=8, head_dim=64,
+                                num_kv_heads=2, mlp_dim=1408, num_decoder_layers=8, position_encoding="rope",
+                                mlp_activation="silu", layer_norm_epsilon=1e-5, dropout_rate=0.0)
+CONFIGS = {"encdec": T5_1_1_SMALL, "decoder": DECODER_ONLY_SMALL, "llama": LLAMA_SMALL}
 
 
 def random_batch(batch: int, inputs: int, targets: int) -> dict[str, np.ndarray]:
@@ -112,7 +120,7 @@ def run_peer(peer_python: str, *peer_args: int) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    shape: str  # "encdec" or "decoder"
+    shape: str  # "encdec", "decoder" or "llama"
     impl: str  # "t5lite scan", "t5lite unrolled", "peer"
 
 
@@ -121,7 +129,8 @@ def row_command(row: Row, args) -> list[str]:
     if row.impl == "peer":
         if row.shape == "encdec":  # decode_len 1: training is measured here, decoding in decode_throughput.py
             return [args.peer_python, PEER, *map(str, [*sizes, args.steps, args.warmup, 1])]
-        return [args.peer_python, DECODER_PEER, *map(str, [args.batch, args.length, args.steps, args.warmup])]
+        peer = DECODER_PEER if row.shape == "decoder" else LLAMA_PEER
+        return [args.peer_python, peer, *map(str, [args.batch, args.length, args.steps, args.warmup])]
     return [sys.executable, os.path.abspath(__file__), "--row", json.dumps(
         {"shape": row.shape, "scan": row.impl.endswith("scan"), "sizes": sizes, "steps": args.steps,
          "warmup": args.warmup})]
@@ -130,8 +139,7 @@ def row_command(row: Row, args) -> list[str]:
 def run_one_row(spec: str) -> None:
     """Child-process mode: one t5lite row, printed as a JSON line."""
     spec = json.loads(spec)
-    base = T5_1_1_SMALL if spec["shape"] == "encdec" else DECODER_ONLY_SMALL
-    config = dataclasses.replace(base, scan_layers=spec["scan"])
+    config = dataclasses.replace(CONFIGS[spec["shape"]], scan_layers=spec["scan"])
     print(json.dumps(t5lite_train_throughput(config, *spec["sizes"], spec["steps"], spec["warmup"])))
 
 
@@ -139,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer_python", default=os.path.expanduser("~/peer-venv/bin/python"))
     parser.add_argument("--skip_peer", action="store_true")
-    parser.add_argument("--only", choices=["encdec", "decoder"], default=None)
+    parser.add_argument("--only", choices=sorted(CONFIGS), default=None)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--inputs", type=int, default=512)
     parser.add_argument("--targets", type=int, default=114)
@@ -152,7 +160,7 @@ def main() -> None:
     if args.row:
         return run_one_row(args.row)
 
-    shapes = [args.only] if args.only else ["encdec", "decoder"]
+    shapes = [args.only] if args.only else list(CONFIGS)
     impls = ["t5lite scan", "t5lite unrolled"] + ([] if args.skip_peer else ["peer"])
     rows = [Row(s, i) for s in shapes for i in impls]
     peak = observability.measured_cpu_peak()
@@ -169,8 +177,8 @@ def main() -> None:
                 results[row] = result
     load_after = os.getloadavg()
 
-    step_flops = {"encdec": flops.train_step_flops(T5_1_1_SMALL, args.batch, args.inputs, args.targets),
-                  "decoder": flops.train_step_flops(DECODER_ONLY_SMALL, args.batch, 0, args.length)}
+    step_flops = {shape: flops.train_step_flops(config, args.batch, args.inputs, args.targets) if shape == "encdec"
+                  else flops.train_step_flops(config, args.batch, 0, args.length) for shape, config in CONFIGS.items()}
     for row, r in results.items():
         r["mfu"] = step_flops[row.shape] / r["median_step_s"] / peak
         print(json.dumps({"shape": row.shape, "impl": row.impl, **r}))
@@ -184,12 +192,12 @@ def main() -> None:
         peer = results.get(Row(row.shape, "peer"))
         ratio = f"{r['train_tokens_per_s'] / peer['train_tokens_per_s']:.2f}x" if peer else "-"
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
-        shape = (f"T5 1.1 small b{args.batch} {args.inputs}+{args.targets}" if row.shape == "encdec"
-                 else f"decoder-only small b{args.batch} {args.length}")
+        shape = {"encdec": f"T5 1.1 small b{args.batch} {args.inputs}+{args.targets}",
+                 "decoder": f"decoder-only small b{args.batch} {args.length}",
+                 "llama": f"llama small b{args.batch} {args.length}"}[row.shape]
         print(f"{shape:34s} {row.impl:16s} {r['median_step_s']:7.2f} {r['train_tokens_per_s']:7.0f} {ratio:>7s} "
               f"{r['mfu']:6.1%} {compile_s:>9s} {r['peak_rss_bytes'] / 2**30:8.2f}G")
-    print(f"model FLOPs per step: encdec {step_flops['encdec'] / 1e9:.0f} G, "
-          f"decoder {step_flops['decoder'] / 1e9:.0f} G")
+    print("model FLOPs per step: " + ", ".join(f"{shape} {step_flops[shape] / 1e9:.0f} G" for shape in shapes))
 
 
 if __name__ == "__main__":

@@ -21,21 +21,18 @@ weights are [out, in], t5lite kernels are [in, ...out], so every kernel is trans
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import gin
 import numpy as np
 import seqio
 
-from t5lite import checkpoints, fileio, gin_cli, run_dir
-from t5lite.data import vocab_record
-from t5lite.data.vocab import get_default_vocabulary
+from t5lite import fileio, hf_conversion
 from t5lite.errors import UserError, reports_user_errors
+from t5lite.hf_conversion import stack_layers, unstack_layers
 from t5lite.model.config import TransformerConfig
 
 Params = dict[str, Any]
@@ -68,7 +65,11 @@ def _scales_decoder_output(hf: dict[str, Any]) -> bool:
 
 def hf_config_from(config: TransformerConfig) -> dict[str, Any]:
     if not config.is_encoder_decoder:
-        raise UserError("Only encoder-decoder t5lite models export to Hugging Face T5.")
+        raise UserError("Only encoder-decoder t5lite models export to Hugging Face T5 (decoder-only Llama-style "
+                        "models: python -m t5lite.hf_llama).")
+    if config.mlp_activation != "gelu" or config.layer_norm_epsilon != 1e-6:
+        raise UserError(f"Hugging Face T5 v1.1 has a gated-GELU MLP and layer norm epsilon 1e-6; this model has "
+                        f"mlp_activation={config.mlp_activation!r}, layer_norm_epsilon={config.layer_norm_epsilon}.")
     return {
         "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
         "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
@@ -120,22 +121,6 @@ def _layer_to_hf(layer: Params, prefix: str, attention, norms, mlp: str, c: Tran
     return out
 
 
-def _stack(layers: list[Params], scan: bool) -> Params:
-    if scan:
-        import jax  # noqa: PLC0415
-
-        return {"layers": jax.tree_util.tree_map(lambda *xs: np.stack(xs), *layers)}
-    return {f"layers_{i}": layer for i, layer in enumerate(layers)}
-
-
-def _unstack(stack: Params, num_layers: int, scan: bool) -> list[Params]:
-    if scan:
-        import jax  # noqa: PLC0415
-
-        return [jax.tree_util.tree_map(lambda x, i=i: np.asarray(x)[i], stack["layers"]) for i in range(num_layers)]
-    return [stack[f"layers_{i}"] for i in range(num_layers)]
-
-
 def params_from_hf(hf: dict[str, np.ndarray], config: TransformerConfig) -> Params:
     """t5lite params (nested dicts of float32 numpy) from a HF T5 state dict of numpy arrays."""
     hf = {k: np.asarray(v, np.float32) for k, v in hf.items()}
@@ -146,9 +131,11 @@ def params_from_hf(hf: dict[str, np.ndarray], config: TransformerConfig) -> Para
     bias = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     params = {
         "token_embedder": {"embedding": hf["shared.weight"]},
-        "encoder": {**_stack(enc, config.scan_layers), "encoder_norm": {"scale": hf["encoder.final_layer_norm.weight"]},
+        "encoder": {**stack_layers(enc, config.scan_layers),
+                    "encoder_norm": {"scale": hf["encoder.final_layer_norm.weight"]},
                     "relpos_bias": {"rel_embedding": hf[f"encoder.{bias}"].T}},
-        "decoder": {**_stack(dec, config.scan_layers), "decoder_norm": {"scale": hf["decoder.final_layer_norm.weight"]},
+        "decoder": {**stack_layers(dec, config.scan_layers),
+                    "decoder_norm": {"scale": hf["decoder.final_layer_norm.weight"]},
                     "relpos_bias": {"rel_embedding": hf[f"decoder.{bias}"].T}},
     }
     if not config.tie_embeddings:
@@ -164,7 +151,7 @@ def params_to_hf(params: Params, config: TransformerConfig) -> dict[str, np.ndar
         ("encoder", config.num_encoder_layers, _ENCODER_ATTENTION, _ENCODER_NORMS, "layer.1"),
         ("decoder", config.num_decoder_layers, _DECODER_ATTENTION, _DECODER_NORMS, "layer.2"),
     ):
-        for i, layer in enumerate(_unstack(params[stack], n, config.scan_layers)):
+        for i, layer in enumerate(unstack_layers(params[stack], n, config.scan_layers)):
             out.update(_layer_to_hf(layer, f"{stack}.block.{i}", attention, norms, mlp, config))
         out[f"{stack}.final_layer_norm.weight"] = np.asarray(params[stack][f"{stack}_norm"]["scale"])
         out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = np.asarray(
@@ -178,73 +165,21 @@ def load_hf_t5(directory: str, **config_overrides: Any) -> tuple[TransformerConf
     """(config, params) from a local HF T5 directory: config.json + model.safetensors or
     pytorch_model.bin, or their shards (model-00001-of-00004.safetensors ... with
     model.safetensors.index.json, as transformers saves large models)."""
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
-        raise UserError(f"{directory} has no config.json: is it a Hugging Face T5 model directory?")
-    config = config_from_hf(_read_json(config_path), **config_overrides)
-    state = {}
-    for path in _weight_files(directory):
-        state.update(_read_weights(path))
+    config = config_from_hf(hf_conversion.read_hf_config(directory, "T5"), **config_overrides)
+    state = hf_conversion.read_state_dict(directory)
     try:
         return config, params_from_hf(state, config)
     except KeyError as e:
         raise UserError(f"{directory} lacks the tensor {e} that a T5 v1.1 model with this config has.") from e
 
 
-def _weight_files(directory: str) -> list[str]:
-    """The weight files of a HF model directory: one file, or the shards its index names."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.exists(os.path.join(directory, name)):
-            return [os.path.join(directory, name)]
-        index = os.path.join(directory, f"{name}.index.json")
-        if os.path.exists(index):
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise UserError(f"{index} has no \"weight_map\" of tensor names to shard files.")
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not os.path.exists(os.path.join(directory, s))]
-            if missing:
-                raise UserError(f"{index} names shards that {directory} lacks: {missing[:3]}.")
-            return [os.path.join(directory, s) for s in shards]
-    raise UserError(f"{directory} has neither model.safetensors nor pytorch_model.bin (nor an index of their shards).")
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    """A JSON object from a HF model directory; a file that is not one is a UserError naming it."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object.")
-    return value
-
-
-def _read_weights(path: str) -> dict[str, np.ndarray]:
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
-        return load_file(path)  # bfloat16 tensors come as ml_dtypes.bfloat16; params_from_hf casts to float32
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError as e:
-        raise UserError(f"{path} needs PyTorch to read; install torch or convert it to safetensors.") from e
-    return {k: v.float().numpy() for k, v in torch.load(path, map_location="cpu").items()}
-
-
 def save_hf_t5(params: Params, config: TransformerConfig, directory: str) -> None:
     """Writes config.json and model.safetensors that transformers' from_pretrained reads."""
-    from safetensors.numpy import save_file  # noqa: PLC0415
-
     hf_config = hf_config_from(config)  # refuses what HF T5 cannot describe before writing anything
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
     tensors = params_to_hf(params, config)
     # transformers ties these to shared.weight; store them too so any loader finds them.
     tensors["encoder.embed_tokens.weight"] = tensors["decoder.embed_tokens.weight"] = tensors["shared.weight"]
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))
+    hf_conversion.write_hf_model(directory, hf_config, tensors)
 
 
 def save_hf_tokenizer(vocabulary: seqio.Vocabulary, directory: str) -> None:
@@ -281,32 +216,7 @@ def save_hf_tokenizer(vocabulary: seqio.Vocabulary, directory: str) -> None:
 def export_checkpoint(checkpoint: str, output: str) -> str:
     """Writes the params of a training checkpoint (MODEL_DIR/checkpoints/<step>) and the tokenizer of
     its vocabulary to the new directory `output`. Clears and re-parses gin (MODEL_DIR/config.gin)."""
-    if os.path.exists(output):
-        raise UserError(f"{output} already exists; choose a new --output directory.")
-    model_dir = run_dir.model_dir_of(fileio.absolute(checkpoint))
-    config_path = run_dir.path(model_dir, run_dir.CONFIG)
-    if not fileio.exists(config_path):
-        raise UserError(f"{config_path} does not exist: pass MODEL_DIR/checkpoints/<step> of a t5lite run (or of "
-                        "an export by t5lite.finetune, which copies the run's config.gin).")
-    gin_cli.parse_run_config(config_path)
-    config = TransformerConfig()
-    gin.clear_config()
-    params = checkpoints.read_params(checkpoint)
-    if "lora" in params:
-        raise UserError(f"{checkpoint} is a LoRA fine-tuning checkpoint: merge its adapters first "
-                        "(python -m t5lite.finetune --model_dir=... --output=...) and export the merged checkpoint.")
-    embedding = params.get("token_embedder", {}).get("embedding")
-    if np.shape(embedding) != (config.vocab_size, config.emb_dim):
-        raise UserError(f"{checkpoint}'s token embedding is {np.shape(embedding)}, but {config_path} describes a "
-                        f"model of ({config.vocab_size}, {config.emb_dim}).")
-    vocabulary = vocab_record.trained_vocabulary(model_dir)
-    if vocabulary is None:
-        if vocab_record.read(model_dir) is not None:
-            raise UserError(f"{model_dir}/{vocab_record.RECORD} names a vocabulary t5lite cannot rebuild; only "
-                            "SentencePiece and byte vocabularies export.")
-        print(f"{model_dir} has no {vocab_record.RECORD}: exporting t5lite's default vocabulary as the tokenizer.",
-              file=sys.stderr)
-        vocabulary = get_default_vocabulary()
+    config, params, vocabulary = hf_conversion.read_checkpoint_to_export(checkpoint, output)
     save_hf_t5(params, config, output)
     save_hf_tokenizer(vocabulary, output)
     return output
@@ -327,24 +237,12 @@ def import_hf_t5(directory: str, output: str) -> str:
         raise UserError(f"{output} already exists; choose a new --output directory.")
     config, params = load_hf_t5(directory)
     vocabulary = _hf_sentencepiece_vocabulary(directory, config)
-    output = fileio.absolute(output)  # a MODEL_DIR: a local directory or a bucket, written through fileio
-    fileio.makedirs(output)
-    ckpt = checkpoints.Checkpointer(run_dir.checkpoints_dir(output), save_every=1, keep=None, async_save=False)
-    ckpt.save(0, {"step": np.int32(0), "params": params}, force=True)
-    ckpt.wait()
-    ckpt.close()
-    with fileio.open_file(run_dir.path(output, run_dir.CONFIG), "w") as f:
-        f.write(f"# The model of the Hugging Face T5 in {os.path.abspath(directory)} (t5lite.hf_t5 --from_hf).\n"
-                "import t5lite.model.config\n\n")
-        f.writelines(f"TransformerConfig.{name} = {getattr(config, name)!r}\n" for name in _IMPORTED_FIELDS)
+    output = hf_conversion.write_model_dir(
+        output, params, config, _IMPORTED_FIELDS,
+        f"The model of the Hugging Face T5 in {os.path.abspath(directory)} (t5lite.hf_t5 --from_hf).", vocabulary)
     if vocabulary is None:
         print(f"{directory} has no spiece.model: {output} records no vocabulary, so nothing checks that fine-tuning "
               "data is tokenized as the model was.", file=sys.stderr)
-    else:
-        model_file = fileio.join(output, "spiece.model")
-        fileio.copy(vocabulary.sentencepiece_model_file, model_file)
-        vocabulary = seqio.SentencePieceVocabulary(model_file, extra_ids=vocabulary.extra_ids)
-        vocab_record.write(output, {name: seqio.Feature(vocabulary) for name in ("inputs", "targets")})
     return output
 
 
@@ -355,29 +253,20 @@ def _hf_sentencepiece_vocabulary(directory: str, config: TransformerConfig) -> s
     extra_ids = 100  # T5Tokenizer's default
     tokenizer_config = os.path.join(directory, "tokenizer_config.json")
     if os.path.exists(tokenizer_config):
-        extra_ids = _read_json(tokenizer_config).get("extra_ids", extra_ids)
+        extra_ids = hf_conversion.read_json(tokenizer_config).get("extra_ids", extra_ids)
     vocabulary = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
-    if vocabulary.vocab_size > config.vocab_size:
-        raise UserError(f"{path} with {extra_ids} sentinels has {vocabulary.vocab_size} ids, more than the model's "
-                        f"{config.vocab_size} embedding rows.")
+    hf_conversion.fits_embedding(vocabulary, path, config)
     return vocabulary
 
 
 @reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="export MODEL_DIR/checkpoints/<step> to a Hugging Face directory")
-    source.add_argument("--from_hf", help="import this Hugging Face T5 directory as a t5lite MODEL_DIR")
-    parser.add_argument("--output", required=True, help="a new directory")
-    args = parser.parse_args(argv)
+    args = hf_conversion.parse_args(argv, __doc__, "T5")
     if args.checkpoint:
         path = export_checkpoint(args.checkpoint, args.output)
-        print(f"Wrote {args.checkpoint} as a Hugging Face T5 model and tokenizer to {path}")
     else:
         path = import_hf_t5(args.from_hf, args.output)
-        print(f"Wrote {args.from_hf} as the t5lite MODEL_DIR {path}: fine-tune with --gin_file={path}/config.gin "
-              f"--gin.INITIAL_CHECKPOINT=\\\"{path}/checkpoints/0\\\"")
+    hf_conversion.report(args, path, "T5")
     return 0
 
 

@@ -20,6 +20,9 @@ from t5lite.model.models import Model, cast_compute_weights
 TINY = TransformerConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48,
                          num_encoder_layers=2, num_decoder_layers=2)
 DECODER_ONLY = dataclasses.replace(TINY, architecture="decoder_only")
+# The Llama family: rotary positions, 4 query heads sharing 2 key/value heads, SwiGLU.
+LLAMA = dataclasses.replace(DECODER_ONLY, num_heads=4, num_kv_heads=2, position_encoding="rope",
+                            mlp_activation="silu", layer_norm_epsilon=1e-5)
 MAX_NEW = 6
 
 
@@ -37,6 +40,11 @@ def _encdec(scan_layers=True):
 @functools.cache
 def _decoder_only():
     return _model(DECODER_ONLY, {"decoder_input_tokens": (2, 12)})
+
+
+@functools.cache
+def _llama():
+    return _model(LLAMA, {"decoder_input_tokens": (2, 12)})
 
 
 def _encdec_batch():
@@ -158,6 +166,50 @@ def test_cached_greedy_with_prefix_lm_prompts_equals_full_forward_greedy_decoder
 
     np.testing.assert_allclose(scores, score(prefix_lm=True), rtol=1e-4, atol=1e-4)
     assert np.abs(scores - score(prefix_lm=False)).max() > 1e-3
+
+
+@pytest.mark.parametrize("prefix_lm", [False, True], ids=["causal_prompt", "prefix_lm_prompt"])
+def test_cached_greedy_with_rope_and_grouped_query_attention_equals_full_forward_greedy(prefix_lm):
+    # RoPE rotates each cached key at its absolute position (the cache index) and each query at its own:
+    # prompts of different lengths, the rows still inside their prompt fed in the loop.
+    model, params = _llama()
+    tokens, _ = _predict(model, params, _prompt_batch(), DecodeConfig(max_decode_length=MAX_NEW, eos_id=63),
+                         bidirectional_prompt=prefix_lm)
+    expected = _greedy_by_full_forward(model, params, _prompt_batch(), [[5, 9], [7, 3, 11, 20]], MAX_NEW, eos_id=63,
+                                       prefix_lm=prefix_lm)
+    np.testing.assert_array_equal(tokens, expected)
+
+
+def _llama_decode_run(model, params, length):
+    decode_params = model.decode_params(params)
+
+    def run(cache, tokens, index):
+        return model.decode_module.apply({"params": decode_params, "cache": cache}, tokens, index, length,
+                                         method="decode", mutable=["cache"])
+
+    return run
+
+
+def test_grouped_query_cache_holds_each_key_value_head_once():
+    model, params = _llama()
+    cache = Model._zero_cache(_llama_decode_run(model, params, 16), 2, 16)
+    shapes = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]}
+    assert len(shapes) == 2 * LLAMA.num_decoder_layers
+    assert set(shapes.values()) == {(2, LLAMA.num_kv_heads, 16, LLAMA.head_dim)}  # [batch, kv_heads, length, kv]
+
+
+def test_rope_decoding_with_a_position_per_row_equals_the_full_forward():
+    """Continuous batching decodes each row at its own position ([batch] cache indices)."""
+    model, params = _llama()
+    tokens = np.random.default_rng(2).integers(2, 64, (2, 8)).astype(np.int32)
+    tokens[:, 0] = 0
+    batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.ones_like(tokens)}  # all real
+    full = jax.jit(model.logits)(params, batch)
+    run = jax.jit(_llama_decode_run(model, params, 8))
+    _, prefilled = run(Model._zero_cache(run, 2, 8), tokens[:, :6], 0)
+    positions = np.array([3, 5])  # row 0 rewrites position 3 (the same token) and must not see 4 and 5
+    logits, _ = run(prefilled["cache"], tokens[np.arange(2), positions][:, None], jnp.asarray(positions))
+    np.testing.assert_allclose(logits[:, 0], np.asarray(full)[np.arange(2), positions], rtol=1e-5, atol=1e-5)
 
 
 def test_causal_lm_prompts_are_attended_causally_when_asked():

@@ -1,24 +1,42 @@
 """Model behaviour researchers rely on: buckets, packing isolation, causality, axes, scan/remat."""
 
 import dataclasses
+import functools
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from t5lite import gin_cli, trainer
+from t5lite.errors import UserError
+from t5lite.model import flops
 from t5lite.model.config import TransformerConfig
-from t5lite.model.layers import relative_position_bucket
+from t5lite.model.layers import apply_rotary, relative_position_bucket, rotary_embedding, segment_positions
 from t5lite.model.models import Model
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = TransformerConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48,
                          num_encoder_layers=2, num_decoder_layers=2)
+# The Llama family: rotary positions, grouped-query attention (4 query heads, 2 key/value heads), SwiGLU.
+LLAMA = dataclasses.replace(TINY, architecture="decoder_only", num_heads=4, num_kv_heads=2, position_encoding="rope",
+                            mlp_activation="silu", layer_norm_epsilon=1e-5)
 
 
 def _init(config, shapes):
     model = Model(config)
     boxed = model.init(jax.random.PRNGKey(0), shapes)["params"]
+    return model, boxed, nn.unbox(boxed)
+
+
+@functools.cache
+def _llama():
+    """(model, boxed params, params) of LLAMA for [2, 10] tokens, initialised once for the module."""
+    model = Model(LLAMA)
+    boxed = jax.jit(lambda rng: model.init(rng, {"decoder_input_tokens": (2, 10)}))(jax.random.PRNGKey(0))["params"]
     return model, boxed, nn.unbox(boxed)
 
 
@@ -47,11 +65,13 @@ def test_causal_buckets_match_hand_computed_values():
 
 # --- Logical axes -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only"])
+@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only", "llama"])
 def test_every_parameter_has_one_logical_axis_per_dim(architecture):
-    cfg = dataclasses.replace(TINY, architecture=architecture)
-    model = Model(cfg)
-    boxed = model.init(jax.random.PRNGKey(0), model.input_shapes(2, {"inputs": 8, "targets": 8}))["params"]
+    if architecture == "llama":  # key/value heads are "heads" too: a tensor-parallel mesh splits them alike
+        _, boxed, _ = _llama()
+    else:
+        model = Model(dataclasses.replace(TINY, architecture=architecture))
+        boxed = model.init(jax.random.PRNGKey(0), model.input_shapes(2, {"inputs": 8, "targets": 8}))["params"]
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
     allowed = {"layers", "embed", "mlp", "heads", "kv", "vocab", "relpos_buckets"}
@@ -125,6 +145,33 @@ def test_packed_segments_do_not_see_each_other_decoder_only():
     assert not np.allclose(a[:, 6:], b[:, 6:], atol=1e-3)
 
 
+def test_packed_segment_equals_the_same_example_alone_with_rope():
+    """Rotary positions restart per packed segment, as the relative position bias does."""
+    model, _, params = _llama()
+    logits = jax.jit(model.logits)
+    tokens = np.random.default_rng(0).integers(2, 64, (2, 10)).astype(np.int32)
+    seg = np.array([[1] * 4 + [2] * 6] * 2, np.int32)
+    packed = {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens, "decoder_segment_ids": seg}
+    alone_tokens = np.zeros_like(tokens)
+    alone_tokens[:, :6] = tokens[:, 4:]
+    alone = {"decoder_input_tokens": alone_tokens, "decoder_target_tokens": alone_tokens,
+             "decoder_segment_ids": (np.arange(10) < 6)[None].repeat(2, 0).astype(np.int32)}
+    np.testing.assert_allclose(logits(params, packed)[:, 4:], logits(params, alone)[:, :6], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(segment_positions(jnp.asarray(seg))[0], [0, 1, 2, 3, 0, 1, 2, 3, 4, 5])
+
+
+def test_rotary_embedding_rotates_pairs_of_half_dims_by_position_times_frequency():
+    # head_dim 4, base 100: pair (x0, x2) turns by p * 100**0, pair (x1, x3) by p * 100**-0.5 = p / 10.
+    cos, sin = rotary_embedding(jnp.array([[0, 1, 3]]), 4, 100.0)
+    x = jnp.array([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 1, 4).repeat(3, axis=1)
+    rotated = np.asarray(apply_rotary(x, cos, sin))[0, :, 0]
+    for p, row in zip([0, 1, 3], rotated, strict=True):
+        for i, j, angle in ((0, 2, p), (1, 3, p / 10)):
+            c, s = np.cos(angle), np.sin(angle)
+            x_i, x_j = (1.0, 3.0) if i == 0 else (2.0, 4.0)
+            np.testing.assert_allclose([row[i], row[j]], [x_i * c - x_j * s, x_j * c + x_i * s], rtol=1e-6, atol=1e-6)
+
+
 # --- Causality and prefix LM -------------------------------------------------------------------------
 
 def test_decoder_is_causal_and_prefix_lm_is_bidirectional_on_the_prefix():
@@ -190,6 +237,60 @@ def test_auto_dtype_is_float32_on_cpu():
     assert jax.default_backend() == "cpu"
     assert TransformerConfig().compute_dtype == jnp.float32
     assert TransformerConfig(dtype="bfloat16").compute_dtype == jnp.bfloat16
+
+
+def test_llama_tiny_trains():
+    """gin/models/llama_tiny.gin (on gin/base.gin, its 8192 ids) learns a fixed batch in a few AdamW steps."""
+    gin_cli.parse_gin([os.path.join(REPO, "gin", f) for f in ("base.gin", "models/llama_tiny.gin")], [])
+    config = TransformerConfig()
+    assert (config.position_encoding, config.kv_heads, config.mlp_activation) == ("rope", 2, "silu")
+    model = Model(config)
+    shapes = model.input_shapes(4, {"targets": 32})
+    params = nn.unbox(jax.jit(lambda rng: model.init(rng, shapes))(jax.random.PRNGKey(0))["params"])
+    targets = np.random.default_rng(0).integers(2, 8000, (4, 32)).astype(np.int32)
+    batch = {"decoder_target_tokens": targets, "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1]}
+    tx = optax.adamw(3e-3)
+    step = jax.jit(trainer.make_train_step(model, tx, optax.constant_schedule(3e-3), loss_config=trainer.LossConfig(),
+                                           use_dropout=False))
+    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    losses = []
+    for _ in range(12):
+        state, metrics = step(state, batch, jax.random.PRNGKey(0))
+        losses.append(float(metrics["loss"]))
+    assert losses[0] > 8.5 and losses[-1] < losses[0] - 1.0, losses  # from about log(8192) = 9.0
+
+
+def test_llama_flops_count_grouped_key_value_projections_against_xla():
+    config = dataclasses.replace(LLAMA, scan_layers=False)  # XLA counts a scanned body once
+    model = Model(config)
+    shapes = {"decoder_input_tokens": (2, 24)}
+    params = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), shapes))["params"])
+    batch = {"decoder_input_tokens": jax.ShapeDtypeStruct((2, 24), np.int32),
+             "decoder_target_tokens": jax.ShapeDtypeStruct((2, 24), np.int32)}
+    cost = jax.jit(model.logits).lower(params, batch).compile().cost_analysis()
+    xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    analytic = flops.forward_flops(config, 2, 0, 24)
+    # k and v project onto 2 of 4 heads: per layer, 2 FLOPs x 32 embed x 16 fewer columns x (k, v) x 48 tokens.
+    mha = flops.forward_flops(dataclasses.replace(config, num_kv_heads=None), 2, 0, 24)
+    assert mha.decoder_self_attention - analytic.decoder_self_attention == 2 * (2 * 32 * 16 * 2 * 48)
+    assert analytic.forward <= xla and xla / analytic.forward < 1.15, (analytic.forward, xla)
+
+
+def test_llama_options_that_do_not_fit_are_named():
+    with pytest.raises(UserError, match="num_kv_heads=3 must divide num_heads=4"):
+        dataclasses.replace(LLAMA, num_kv_heads=3)
+    with pytest.raises(UserError, match="decoder-only"):
+        dataclasses.replace(LLAMA, architecture="encoder_decoder")
+    with pytest.raises(UserError, match="decoder-only"):
+        TransformerConfig(num_kv_heads=1)
+    with pytest.raises(UserError, match="even head_dim"):
+        dataclasses.replace(LLAMA, head_dim=7)
+    with pytest.raises(UserError, match="position_encoding"):
+        dataclasses.replace(LLAMA, position_encoding="alibi")
+    with pytest.raises(UserError, match="mlp_activation"):
+        dataclasses.replace(LLAMA, mlp_activation="relu")
+    with pytest.raises(UserError, match="layer_norm_epsilon"):
+        dataclasses.replace(LLAMA, layer_norm_epsilon=0.0)
 
 
 def test_bad_config_values_are_named():

@@ -15,12 +15,14 @@ from t5lite.errors import UserError
 
 ARCHITECTURES = ("encoder_decoder", "decoder_only")
 REMAT_POLICIES = ("none", "minimal", "full")
+POSITION_ENCODINGS = ("relative_bias", "rope")
+MLP_ACTIVATIONS = ("gelu", "silu")
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Hyperparameters of a T5 v1.1-style Transformer.
+    """Hyperparameters of a T5 v1.1-style or Llama-style Transformer.
 
     architecture: "encoder_decoder" (T5) or "decoder_only" (causal or prefix LM; which one is
       decided by the data: a `decoder_causal_attention` feature makes the prefix bidirectional).
@@ -30,6 +32,17 @@ class TransformerConfig:
     scan_layers: stack layers with nn.scan (one compiled layer body, fast compile).
     remat_policy: "none" keeps all activations, "minimal" recomputes everything but the
       weight-matmul outputs, "full" recomputes the whole layer in the backward pass.
+
+    The Llama family (decoder-only; gin/models/llama_*.gin; t5lite.hf_llama maps it to Hugging Face
+    LlamaForCausalLM):
+    position_encoding: "relative_bias" (T5's bucketed bias, one table per stack) or "rope" (rotary
+      embeddings on queries and keys, Llama's rotate-half layout, base `rope_base`). "rope" also
+      brings Llama's other conventions (`llama_conventions`).
+    num_kv_heads: key/value heads; None is num_heads (multi-head attention), a divisor of num_heads
+      groups the query heads (grouped-query attention; 1: multi-query). The decoding cache holds
+      num_kv_heads heads.
+    mlp_activation: "gelu" (T5 v1.1's gated GELU) or "silu" (SwiGLU, Llama's).
+    layer_norm_epsilon: added to the mean square in RMSNorm (T5 1e-6, Llama 1e-5).
     """
 
     architecture: str = "encoder_decoder"
@@ -47,6 +60,11 @@ class TransformerConfig:
     relpos_max_distance: int = 128
     scan_layers: bool = True
     remat_policy: str = "none"
+    position_encoding: str = "relative_bias"
+    rope_base: float = 10000.0
+    num_kv_heads: int | None = None
+    mlp_activation: str = "gelu"
+    layer_norm_epsilon: float = 1e-6
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -63,6 +81,25 @@ class TransformerConfig:
             except TypeError as e:
                 raise UserError(f"TransformerConfig.dtype={self.dtype!r} is not a dtype; use 'auto', "
                                 "'float32' or 'bfloat16'.") from e
+        self._check_llama_options()
+
+    def _check_llama_options(self) -> None:
+        for name, choices in (("position_encoding", POSITION_ENCODINGS), ("mlp_activation", MLP_ACTIVATIONS)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"TransformerConfig.{name}={getattr(self, name)!r}; choose one of {choices}.")
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            raise UserError(f"TransformerConfig.num_kv_heads={self.num_kv_heads} must divide num_heads="
+                            f"{self.num_heads} (None: as many as num_heads).")
+        grouped = self.kv_heads != self.num_heads
+        if self.is_encoder_decoder and (self.position_encoding == "rope" or grouped):
+            raise UserError("TransformerConfig.position_encoding='rope' and num_kv_heads are for decoder-only models "
+                            "(architecture='decoder_only'); the encoder-decoder keeps T5's relative position bias "
+                            "and multi-head attention.")
+        if self.position_encoding == "rope" and (self.head_dim % 2 or self.rope_base <= 0):
+            raise UserError(f"Rotary embeddings need an even head_dim and rope_base > 0; got head_dim="
+                            f"{self.head_dim}, rope_base={self.rope_base}.")
+        if self.layer_norm_epsilon <= 0:
+            raise UserError(f"TransformerConfig.layer_norm_epsilon={self.layer_norm_epsilon} must be positive.")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -73,3 +110,16 @@ class TransformerConfig:
     @property
     def is_encoder_decoder(self) -> bool:
         return self.architecture == "encoder_decoder"
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: num_kv_heads, or num_heads when that is None."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def llama_conventions(self) -> bool:
+        """The rope family follows Llama where T5 differs, so Hugging Face Llama weights map 1:1:
+        attention logits are scaled by head_dim**-0.5 in compute (T5 folds that into the query init),
+        tied output logits are not rescaled (T5 divides them by sqrt(emb_dim)), and the token
+        embedding is initialised with stddev emb_dim**-0.5 (T5: 1), so tied logits start near unit scale."""
+        return self.position_encoding == "rope"

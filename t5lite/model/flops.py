@@ -32,9 +32,9 @@ class FlopsBreakdown:
 
 
 def _attention(q_tokens: float, k_tokens: float, q_len: int, k_len: int, batch: int, c: TransformerConfig) -> float:
-    """Projections (q, out on queries; k, v on keys) plus scores and weighted values."""
-    hd = c.num_heads * c.head_dim
-    projections = 2 * c.emb_dim * hd * (2 * q_tokens + 2 * k_tokens)
+    """Projections (q, out on queries; k, v on keys, num_kv_heads of them) plus scores and weighted values."""
+    hd, kv_hd = c.num_heads * c.head_dim, c.kv_heads * c.head_dim
+    projections = 2 * c.emb_dim * (hd * 2 * q_tokens + kv_hd * 2 * k_tokens)
     scores_and_values = 2 * 2 * batch * q_len * k_len * hd
     return projections + scores_and_values
 

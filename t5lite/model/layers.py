@@ -1,7 +1,9 @@
-"""Building blocks of a T5 v1.1 Transformer, each parameter annotated with logical axis names.
+"""Building blocks of a T5 v1.1 or Llama Transformer, each parameter annotated with logical axis names.
 
 Logical axes used here: batch, length, embed, mlp, heads, kv, vocab, relpos_buckets (and
-"layers", added by nn.scan in network.py). Mesh axes are never named in model code.
+"layers", added by nn.scan in network.py). Mesh axes are never named in model code. Key/value
+heads of grouped-query attention are "heads" too: a tensor-parallel mesh splits query and
+key/value heads alike, so each shard holds whole groups (its size must divide num_kv_heads).
 Parameters are float32; matmuls run in the configured compute dtype; norms, softmax and
 attention biases are float32.
 """
@@ -57,10 +59,11 @@ class Embed(nn.Module):
     num_embeddings: int
     features: int
     dtype: jnp.dtype = jnp.float32
+    init_stddev: float = 1.0
 
     def setup(self):
         self.embedding = logical_param(
-            self, "embedding", nn.initializers.normal(stddev=1.0),
+            self, "embedding", nn.initializers.normal(stddev=self.init_stddev),
             (self.num_embeddings, self.features), ("vocab", "embed"),
         )
 
@@ -93,10 +96,16 @@ def project(x: Array, kernels: Sequence[Array], *, dtype: jnp.dtype, fused: bool
 class MultiHeadAttention(nn.Module):
     """T5 attention: no 1/sqrt(head_dim) on the logits (folded into the query init), no biases.
 
+    Llama attention (scale_logits, `rotary`, num_kv_heads): queries are scaled by head_dim**-0.5 in
+    compute, queries and keys are rotated by `rotary` (cos, sin of rotary_embedding; keys before
+    they are cached), and num_kv_heads < num_heads shares each key/value head among num_heads /
+    num_kv_heads consecutive query heads (grouped-query attention; Hugging Face's repeat_kv order).
+    Keys and values, and their cache, have num_kv_heads heads: they are never repeated per query head.
+
     `bias` [batch|1, heads|1, q_len, k_len] (float32) carries both the relative position bias and
     the mask (MASK_VALUE where not allowed); it is built once per stack by the caller.
 
-    With `decode=True` keys and values live in the flax "cache" collection, [batch, heads, k_len,
+    With `decode=True` keys and values live in the flax "cache" collection, [batch, kv_heads, k_len,
     kv] each: heads before length, so that the per-step attention matmuls read the cache as it is
     stored (in [batch, k_len, heads, kv] XLA:CPU copied every layer's cross-attention keys and
     values into that order at every step, ~60% of a T5-small decode step). The first call (an
@@ -108,7 +117,8 @@ class MultiHeadAttention(nn.Module):
         computed and cached when it is given; a call with inputs_kv=None reuses them, so they
         are computed once per sequence, not at every step.
     Decoding also projects what shares an input with one matmul (`project`): q, k and v when
-    `inputs_kv is inputs_q` (self-attention), k and v of the encoder output.
+    `inputs_kv is inputs_q` (self-attention; q apart from k and v when they have fewer heads), k and
+    v of the encoder output.
     """
 
     num_heads: int
@@ -116,20 +126,23 @@ class MultiHeadAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     dropout_rate: float = 0.0
     decode: bool = False
+    num_kv_heads: int | None = None  # None: num_heads
+    scale_logits: bool = False
 
     @nn.compact
     def __call__(
         self, inputs_q: Array, inputs_kv: Array | None, bias: Array, deterministic: bool,
-        cache_index: Array | None = None,
+        cache_index: Array | None = None, rotary: tuple[Array, Array] | None = None,
     ) -> Array:
         emb = inputs_q.shape[-1]
         h, d = self.num_heads, self.head_dim
+        kv_h = self.num_kv_heads or h
         fan_in_emb = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2))
         # Scaling the query init by 1/sqrt(head_dim) replaces the usual logit scaling (T5 / Mesh TF).
-        query_init = lambda *a: fan_in_emb(*a) / np.sqrt(d)  # noqa: E731
+        query_init = fan_in_emb if self.scale_logits else lambda *a: fan_in_emb(*a) / np.sqrt(d)
         wq = logical_param(self, "query", query_init, (emb, h, d), ("embed", "heads", "kv"))
-        wk = logical_param(self, "key", fan_in_emb, (emb, h, d), ("embed", "heads", "kv"))
-        wv = logical_param(self, "value", fan_in_emb, (emb, h, d), ("embed", "heads", "kv"))
+        wk = logical_param(self, "key", fan_in_emb, (emb, kv_h, d), ("embed", "heads", "kv"))
+        wv = logical_param(self, "value", fan_in_emb, (emb, kv_h, d), ("embed", "heads", "kv"))
         out_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
         wo = logical_param(self, "out", out_init, (h, d, emb), ("heads", "kv", "embed"))
 
@@ -142,14 +155,23 @@ class MultiHeadAttention(nn.Module):
             # Projected as [batch, k_len, heads, kv] (a plain matmul; projecting straight into
             # "bhkd" made XLA:CPU transpose the weights at every decode step), then reordered.
             k, v = kv or project(x, (wk, wv), dtype=dt, fused=self.decode)
+            if rotary is not None:
+                k = apply_rotary(k, *rotary)
             if self.decode:
                 k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
             return constrain(k, kv_axes), constrain(v, kv_axes)
 
-        if inputs_kv is inputs_q:  # self-attention
+        if inputs_kv is inputs_q and kv_h == h:  # self-attention
             q, *kv = project(inputs_q, (wq, wk, wv), dtype=dt, fused=self.decode)
+        elif inputs_kv is inputs_q:  # grouped: k and v have fewer heads than q
+            (q,), kv = project(inputs_q, (wq,), dtype=dt, fused=False), project(inputs_q, (wk, wv), dtype=dt,
+                                                                               fused=self.decode)
         else:
             (q,), kv = project(inputs_q, (wq,), dtype=dt, fused=self.decode), ()
+        if rotary is not None:
+            q = apply_rotary(q, *rotary)
+        if self.scale_logits:
+            q = q * jnp.asarray(d ** -0.5, dt)
         q = constrain(q, ("batch", "length", "heads", "kv"))
         if not self.decode:
             k, v = project_kv(inputs_kv, *kv)
@@ -158,20 +180,28 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = self._cached_encoder_kv(inputs_kv, project_kv)
 
-        logits = jnp.einsum(f"bqhd,{kv_layout}->bhqk", q, k).astype(jnp.float32) + bias
+        b, q_len = q.shape[:2]
+        if kv_h == h:
+            logits = jnp.einsum(f"bqhd,{kv_layout}->bhqk", q, k)
+        else:  # query heads [kv_heads, group]: head i reads key/value head i // group
+            q = q.reshape(b, q_len, kv_h, h // kv_h, d)
+            logits = jnp.einsum(f"bqhgd,{kv_layout}->bhgqk", q, k).reshape(b, h, q_len, -1)
+        logits = logits.astype(jnp.float32) + bias
         weights = jax.nn.softmax(logits, axis=-1).astype(dt)
         if not deterministic and self.dropout_rate > 0.0:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        context = jnp.einsum(f"bhqk,{kv_layout}->bqhd", weights, v)
+        if kv_h == h:
+            context = jnp.einsum(f"bhqk,{kv_layout}->bqhd", weights, v)
+        else:
+            context = jnp.einsum(f"bhgqk,{kv_layout}->bqhgd", weights.reshape(b, kv_h, h // kv_h, q_len, -1), v)
         # One contraction over heads*kv in memory order: jnp.einsum("bqhd,hde->bqe") contracts
         # (kv, heads), and XLA:CPU then transposes both the context and `out` at every call.
-        b, q_len = context.shape[:2]
         out = jnp.einsum("bqf,fe->bqe", context.reshape(b, q_len, h * d), wo.astype(dt).reshape(h * d, emb))
         return constrain(out, ("batch", "length", "embed"))
 
     def _append_to_cache(self, k: Array, v: Array, cache_index: Array) -> tuple[Array, Array]:
-        """Writes k, v [batch, heads, q_len, kv] at cache_index (a scalar, or [batch]: each row at its
-        own position); -> the whole cache [batch, heads, k_len, kv]."""
+        """Writes k, v [batch, kv_heads, q_len, kv] at cache_index (a scalar, or [batch]: each row at its
+        own position); -> the whole cache [batch, kv_heads, k_len, kv]."""
         is_initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
@@ -202,40 +232,46 @@ class MultiHeadAttention(nn.Module):
         return k, v
 
 
-@jax.custom_vjp
-def gated_gelu(gate: Array, linear: Array) -> Array:
-    """gelu(gate) * linear (tanh-approximate GELU, as T5 v1.1), [..., mlp] each.
+def gated_activation(activation: Callable[[Array], Array]) -> Callable[[Array, Array], Array]:
+    """(gate, linear) -> activation(gate) * linear, [..., mlp] each, with a VJP that saves only the inputs.
 
     The same values and gradients as autodiff of that expression (bitwise, on CPU); the custom
-    VJP saves only the two inputs for the backward pass and recomputes GELU there. Autodiff saves
-    ~6 GELU intermediates per layer, and XLA:CPU fuses reading them all (stacked over the scanned
-    layers) into the transposing copy the weight-gradient matmul needs: the slowest op of a T5
-    training step on CPU (bench/profile_summary.py).
+    VJP saves only the two inputs for the backward pass and recomputes the activation there.
+    Autodiff saves ~6 GELU intermediates per layer, and XLA:CPU fuses reading them all (stacked
+    over the scanned layers) into the transposing copy the weight-gradient matmul needs: the
+    slowest op of a T5 training step on CPU (bench/profile_summary.py).
     """
-    return jax.nn.gelu(gate, approximate=True) * linear
+    @jax.custom_vjp
+    def gated(gate: Array, linear: Array) -> Array:
+        return activation(gate) * linear
+
+    def forward(gate: Array, linear: Array) -> tuple[Array, tuple[Array, Array]]:
+        return gated(gate, linear), (gate, linear)
+
+    def backward(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+        gate, linear = residuals
+        activated, activation_vjp = jax.vjp(activation, gate)
+        (d_gate,) = activation_vjp(g * linear)
+        return d_gate, g * activated
+
+    gated.defvjp(forward, backward)
+    return gated
 
 
-def _gated_gelu_fwd(gate: Array, linear: Array) -> tuple[Array, tuple[Array, Array]]:
-    return gated_gelu(gate, linear), (gate, linear)
-
-
-def _gated_gelu_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-    gate, linear = residuals
-    activation, gelu_vjp = jax.vjp(lambda x: jax.nn.gelu(x, approximate=True), gate)
-    (d_gate,) = gelu_vjp(g * linear)
-    return d_gate, g * activation
-
-
-gated_gelu.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
+# T5 v1.1: tanh-approximate GELU. Llama (SwiGLU): SiLU.
+gated_gelu = gated_activation(lambda x: jax.nn.gelu(x, approximate=True))
+gated_silu = gated_activation(jax.nn.silu)
 
 
 class GatedMlp(nn.Module):
-    """T5 v1.1 gated-GELU feed-forward: wo(gelu(x wi_0) * (x wi_1)), no biases."""
+    """Gated feed-forward without biases: wo(act(x wi_0) * (x wi_1)); act "gelu" (T5 v1.1's gated
+    GELU) or "silu" (Llama's SwiGLU: wi_0, wi_1, wo are its gate_proj, up_proj, down_proj)."""
 
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
     dropout_rate: float = 0.0
     fused_wi: bool = False  # wi_0 and wi_1 as one matmul (decoding; see `project`)
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -245,12 +281,45 @@ class GatedMlp(nn.Module):
         wi_1 = logical_param(self, "wi_1", init, (emb, self.mlp_dim), ("embed", "mlp"))
         wo = logical_param(self, "wo", init, (self.mlp_dim, emb), ("mlp", "embed"))
         dt = self.dtype
-        hidden = gated_gelu(*project(x, (wi_0, wi_1), dtype=dt, fused=self.fused_wi))
+        gated = gated_gelu if self.activation == "gelu" else gated_silu
+        hidden = gated(*project(x, (wi_0, wi_1), dtype=dt, fused=self.fused_wi))
         hidden = constrain(hidden, ("batch", "length", "mlp"))
         # Dropout on the hidden units, broadcast over length as in T5X.
         hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
         out = jnp.einsum("blm,me->ble", hidden, wo.astype(dt))
         return constrain(out, ("batch", "length", "embed"))
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """[batch, length] -> each token's position inside its packed segment (0 at a segment's start).
+
+    A segment is a run of equal ids (seqio packs each example contiguously); padding runs count too
+    but are masked anyway.
+    """
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None]
+    previous = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+    starts = jnp.where(segment_ids != previous, index, 0)
+    return index - jax.lax.cummax(starts, axis=1)
+
+
+def rotary_embedding(positions: Array, head_dim: int, base: float) -> tuple[Array, Array]:
+    """RoPE angles for positions [batch|1, length]: (cos, sin), each [batch|1, length, 1, head_dim // 2]
+    float32 (the 1 broadcasts over heads).
+
+    Pair i of a head, (x_i, x_{i + head_dim/2}) (the rotate-half layout of Hugging Face Llama, so its
+    weights need no permutation), turns by position * base**(-2i / head_dim), computed in float32 as
+    transformers computes it.
+    """
+    inv_freq = 1.0 / (np.float32(base) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates x [batch, length, heads, head_dim] by rotary_embedding's (cos, sin), in float32:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for the two halves x1, x2 of each head."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def relative_position_bucket(

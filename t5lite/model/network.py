@@ -1,7 +1,8 @@
 """The T5 v1.1 Transformer: encoder-decoder and decoder-only networks built from layers.py.
 
 Per stack, one relative-position bias table and one combined [batch, heads, q, k] bias (position
-bias + segment/causal mask) are built once and broadcast to every layer. Layers are stacked with
+bias + segment/causal mask) are built once and broadcast to every layer. The Llama family
+(`position_encoding="rope"`, decoder-only) builds the mask and the rotary angles once instead. Layers are stacked with
 nn.scan (parameters get a leading "layers" axis) unless `scan_layers=False`.
 
 Params may hold quantized or LoRA-updated kernels (model/weights.py): a scanned stack makes its
@@ -31,6 +32,8 @@ from t5lite.model.layers import (
     constrain,
     decode_mask_bias,
     logical_param,
+    rotary_embedding,
+    segment_positions,
 )
 
 Array = jax.Array
@@ -40,6 +43,10 @@ REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
+
+
+def _norm(cfg: TransformerConfig, name: str) -> RMSNorm:
+    return RMSNorm(dtype=cfg.compute_dtype, epsilon=cfg.layer_norm_epsilon, name=name)
 
 
 def _dropout(cfg: TransformerConfig, x: Array, deterministic: bool) -> Array:
@@ -54,13 +61,14 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, bias: Array) -> tuple[Array, None]:
         cfg, dt = self.config, self.config.compute_dtype
-        h = RMSNorm(dtype=dt, name="pre_attention_layer_norm")(x)
+        h = _norm(cfg, "pre_attention_layer_norm")(x)
         h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, name="attention")(
             h, h, bias, self.deterministic
         )
         x = x + _dropout(cfg, h, self.deterministic)
-        h = RMSNorm(dtype=dt, name="pre_mlp_layer_norm")(x)
-        h = GatedMlp(cfg.mlp_dim, dt, cfg.dropout_rate, name="mlp")(h, self.deterministic)
+        h = _norm(cfg, "pre_mlp_layer_norm")(x)
+        h = GatedMlp(cfg.mlp_dim, dt, cfg.dropout_rate, activation=cfg.mlp_activation, name="mlp")(
+            h, self.deterministic)
         x = x + _dropout(cfg, h, self.deterministic)
         return constrain(x, ("batch", "length", "embed")), None
 
@@ -70,7 +78,7 @@ class DecoderLayer(nn.Module):
 
     decode: keys/values go through the attention cache (see MultiHeadAttention); `cache_index`
     is the position of the first input token, and `encoded` may be None to reuse the cached
-    cross-attention keys/values.
+    cross-attention keys/values. `rotary`: the (cos, sin) of the tokens' positions (rope family).
     """
 
     config: TransformerConfig
@@ -80,22 +88,24 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, self_bias: Array, encoded: Array | None, cross_bias: Array | None,
-        cache_index: Array | None = None,
+        cache_index: Array | None = None, rotary: tuple[Array, Array] | None = None,
     ) -> tuple[Array, None]:
         cfg, dt = self.config, self.config.compute_dtype
-        h = RMSNorm(dtype=dt, name="pre_self_attention_layer_norm")(x)
+        h = _norm(cfg, "pre_self_attention_layer_norm")(x)
         h = MultiHeadAttention(
-            cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, self.decode, name="self_attention"
-        )(h, h, self_bias, self.deterministic, cache_index)
+            cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, self.decode, num_kv_heads=cfg.kv_heads,
+            scale_logits=cfg.llama_conventions, name="self_attention",
+        )(h, h, self_bias, self.deterministic, cache_index, rotary)
         x = x + _dropout(cfg, h, self.deterministic)
         if cfg.is_encoder_decoder:
-            h = RMSNorm(dtype=dt, name="pre_cross_attention_layer_norm")(x)
+            h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
             h = MultiHeadAttention(
                 cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, self.decode, name="encoder_decoder_attention"
             )(h, encoded, cross_bias, self.deterministic)
             x = x + _dropout(cfg, h, self.deterministic)
-        h = RMSNorm(dtype=dt, name="pre_mlp_layer_norm")(x)
-        h = GatedMlp(cfg.mlp_dim, dt, cfg.dropout_rate, fused_wi=self.decode, name="mlp")(h, self.deterministic)
+        h = _norm(cfg, "pre_mlp_layer_norm")(x)
+        h = GatedMlp(cfg.mlp_dim, dt, cfg.dropout_rate, fused_wi=self.decode, activation=cfg.mlp_activation,
+                     name="mlp")(h, self.deterministic)
         x = x + _dropout(cfg, h, self.deterministic)
         return constrain(x, ("batch", "length", "embed")), None
 
@@ -153,7 +163,7 @@ class Encoder(nn.Module):
         bias = relpos + attention_mask_bias(segment_ids, segment_ids)  # [batch, heads, q, k]
         x = run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, deterministic, x, bias,
                        stored_weights=weights.has_stored(self.variables))
-        x = RMSNorm(dtype=cfg.compute_dtype, name="encoder_norm")(x)
+        x = _norm(cfg, "encoder_norm")(x)
         return _dropout(cfg, x, deterministic)
 
 
@@ -188,30 +198,39 @@ class Decoder(nn.Module):
         x = _dropout(cfg, self.embedder(tokens), deterministic)
         x = constrain(x, ("batch", "length", "embed"))
         length = tokens.shape[1]
-        relpos_bias = RelativePositionBias(
-            cfg.num_heads, bidirectional=False, num_buckets=cfg.relpos_num_buckets,
-            max_distance=cfg.relpos_max_distance, name="relpos_bias",
-        )
+        rope = cfg.position_encoding == "rope"
         decode = decode_index is not None
         if decode:
-            self_bias = relpos_bias(length, decode_length, decode_index) + decode_mask_bias(
-                length, decode_length, decode_index, decode_prefix_lengths)
+            self_bias = decode_mask_bias(length, decode_length, decode_index, decode_prefix_lengths)
             segment_ids = jnp.ones(tokens.shape, jnp.int32)  # cross-attention queries: all real
         else:
-            self_bias = relpos_bias(length, length) + attention_mask_bias(
-                segment_ids, segment_ids, causal=True, prefix=causal_attention)
+            self_bias = attention_mask_bias(segment_ids, segment_ids, causal=True, prefix=causal_attention)
+        rotary = None
+        if rope:  # absolute positions when decoding (the cache's), else positions inside each packed segment
+            positions = (jnp.reshape(decode_index, (-1, 1)) + jnp.arange(length)[None] if decode  # [batch|1, length]
+                         else segment_positions(segment_ids))
+            rotary = rotary_embedding(positions, cfg.head_dim, cfg.rope_base)
+        else:
+            relpos_bias = RelativePositionBias(
+                cfg.num_heads, bidirectional=False, num_buckets=cfg.relpos_num_buckets,
+                max_distance=cfg.relpos_max_distance, name="relpos_bias",
+            )
+            relpos = relpos_bias(length, decode_length, decode_index) if decode else relpos_bias(length, length)
+            self_bias = relpos + self_bias
         cross_bias = None
         if cfg.is_encoder_decoder:
             cross_bias = attention_mask_bias(segment_ids, encoder_segment_ids)  # [batch, 1, q, k]
         x = run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, x, self_bias, encoded, cross_bias,
-                       decode_index, decode=decode, stored_weights=weights.has_stored(self.variables))
-        x = RMSNorm(dtype=cfg.compute_dtype, name="decoder_norm")(x)
+                       decode_index, rotary, decode=decode, stored_weights=weights.has_stored(self.variables))
+        x = _norm(cfg, "decoder_norm")(x)
         x = _dropout(cfg, x, deterministic)
         return self._logits(x)
 
     def _logits(self, x: Array) -> Array:
         cfg = self.config
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and cfg.llama_conventions:
+            logits = self.embedder.attend(x)  # Llama: tied logits as they are
+        elif cfg.tie_embeddings:
             # Tied logits are rescaled so their size does not grow with emb_dim (T5 v1.0).
             logits = self.embedder.attend(x) / np.sqrt(cfg.emb_dim)
         else:
@@ -274,7 +293,8 @@ class DecoderOnly(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.compute_dtype)
+        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.compute_dtype,
+                                    init_stddev=cfg.emb_dim ** -0.5 if cfg.llama_conventions else 1.0)
         self.decoder = Decoder(cfg, self.token_embedder)
 
     def __call__(
