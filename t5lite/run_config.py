@@ -34,7 +34,9 @@ class DataConfig:
     """mixture_or_task_name: a registered seqio Task or Mixture (import your task module in the gin
     file); task_feature_lengths: {"inputs": n, "targets": m}; batch_size: the global batch (all hosts);
     prefix_lm: a decoder-only model attends to the inputs of a task bidirectionally; split: the split
-    trained on, e.g. 'train[fold=2/5]' (cross-validation, t5lite/data/splits.py)."""
+    trained on, e.g. 'train[fold=2/5]' (cross-validation, t5lite/data/splits.py); cache_dir: train from the seqio
+    caches that `python -m t5lite.data.pipelines cache --output_cache_dir=DIR` wrote (seqio use_cached) instead of
+    preprocessing on the fly (evaluation still reads its tasks uncached)."""
 
     mixture_or_task_name: str = "t5lite_default_span_corruption"
     task_feature_lengths: Mapping[str, int] = dataclasses.field(
@@ -42,6 +44,7 @@ class DataConfig:
     batch_size: int = 16
     prefix_lm: bool = False
     split: str = "train"
+    cache_dir: str | None = None
 
     def __post_init__(self):
         _check_positive(self, "batch_size")

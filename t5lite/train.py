@@ -403,7 +403,8 @@ def train(run: TrainConfig) -> TrainResult:
         run.data.mixture_or_task_name, split=run.data.split, shuffle=True, num_epochs=None, seed=run.seed,
         task_feature_lengths=lengths, model_type=model_type, batch_size=batch_size // jax.process_count(),
         # Each host reads only its own shard of every task and feeds its slice of the global batch.
-        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()))
+        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()),
+        cache_dir=run.data.cache_dir)
     ckpt = checkpoints.Checkpointer(run_dir.checkpoints_dir(model_dir), save_every=run.checkpoints.every,
                                     keep=run.checkpoints.keep, best_metric=run.checkpoints.best_metric,
                                     best_mode=run.checkpoints.best_mode, checksums=run.checkpoints.checksums,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from t5lite.data import contamination, dedup, documents
+from t5lite.data.ngrams import MERSENNE_31, stable_hash31, word_ngrams
 
 WORDS = ("the quick brown fox jumps over the lazy dog while seven bright stars rise above a quiet "
          "harbour where old sailors mend their nets and sing of distant islands lost beneath the waves").split()
@@ -35,6 +36,25 @@ def test_near_duplicates_are_found_and_distinct_texts_are_kept():
     words[50] = "CHANGED"  # one word of 120: 5-word shingle Jaccard ~ 0.92
     docs = [base, _text(1), " ".join(words), _text(2)]
     np.testing.assert_array_equal(dedup.near_duplicate_mask(docs, threshold=0.8), [False, False, True, False])
+
+
+def test_minhash_signature_is_the_min_over_shingles_of_the_permuted_stable_hash():
+    hasher = dedup.MinHasher(num_permutations=16)
+    text = _text(5, 40)
+    hashes = np.array([stable_hash31(s) for s in set(word_ngrams(text, 5))], np.uint64)
+    expected = ((hashes[:, None] * hasher._a + hasher._b) % MERSENNE_31).min(axis=0)
+    np.testing.assert_array_equal(hasher.signature(text), expected)
+    assert not dedup.has_words(hasher.signature("!!! ???"))
+
+
+def test_a_chain_of_near_duplicates_keeps_only_its_first_document():
+    a = _text(6, 200)
+    words = a.split()
+    b = " ".join(words[:100] + [f"x{i}" for i in range(10)] + words[110:])  # Jaccard ~0.87 to a
+    c = " ".join(b.split()[:20] + [f"y{i}" for i in range(10)] + b.split()[30:])  # ~0.87 to b, ~0.75 to a
+    hasher = dedup.MinHasher()
+    assert not dedup.is_near_duplicate(hasher.signature(a), hasher.signature(c), 0.8)
+    np.testing.assert_array_equal(dedup.near_duplicate_mask([c, _text(7), a, b]), [False, False, True, True])
 
 
 def test_deduplicate_report_counts_what_it_removed():

@@ -13,6 +13,7 @@ what running the block needs; a reader sees it in the Markdown source, nowhere e
     <!-- needs: data -->       the full public data sets ($T5LITE_DATA_DIR)
     <!-- needs: download -->   something downloaded first (e.g. a Hugging Face checkpoint)
     <!-- needs: files -->      files the page shows or an earlier command writes, not in the repo
+    <!-- needs: cloud -->      a cloud project (a Dataflow runner, a gs:// bucket)
 
 Several needs: `<!-- needs: tpu, data -->`.
 
@@ -25,7 +26,7 @@ What is checked (parsing only; nothing is run, so the test takes seconds):
 - `python -m M` (M not t5lite): M is importable. `python PATH.py`: the script exists.
 - `pip install -r F [-e .]`: F exists. `launch/local.py ... -- CMD` and `launch/tpu_vm.sh ... -- CMD`:
   the script exists and CMD is checked like any command.
-- Blocks marked tpu, gpu or data are checked all the same (parsing needs none of them). Blocks marked
+- Blocks marked tpu, gpu, cloud or data are checked all the same (parsing needs none of them). Blocks marked
   files or download reference files not in the repo: only their modules and scripts must exist.
 - Any other command (tensorboard, gcloud, pip install PACKAGE, ...) must be in a marked block.
 The commands that the test suite runs for real (the quick start's train command, the new-task guide,
@@ -51,7 +52,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_FILES = ["README.md"] + sorted(
     os.path.join("docs", f) for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md"))
 README_MAX_LINES = 200
-NEEDS = {"tpu", "gpu", "data", "download", "files"}
+NEEDS = {"tpu", "gpu", "data", "download", "files", "cloud"}
 UNPARSEABLE_NEEDS = {"download", "files"}  # their commands name files that are not in the repo
 MARKER = re.compile(r"^\s*<!--\s*needs:\s*([^>]*?)\s*-->\s*$")
 SHELL_FENCES = {"", "sh", "bash", "shell", "console"}

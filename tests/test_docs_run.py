@@ -8,7 +8,8 @@ write the runs/ directories the others read), then every other command in the do
 What is changed before a command runs, and why:
 - A training run (`t5lite.train`, a sweep's trials, the same under launch/local.py) gets SHRINK's
   bindings appended: the same program for 4 steps instead of hundreds (evaluation, checkpointing and
-  logging included). `t5lite.eval` decodes 8 examples in batches of 8 instead of 64 (or all, the
+  logging included); a random or Bayesian sweep runs 2 of its `--trials`. `t5lite.eval` decodes 8
+  examples in batches of 8 instead of 64 (or all, the
   benchmark suite's 32 a batch); `--watch` stops 1 s after the
   last checkpoint is evaluated instead of waiting for more.
 - `t5lite.precompile` compiles the tiny model (gin/models/t5_1_1_tiny.gin appended) for the same
@@ -22,8 +23,8 @@ What is changed before a command runs, and why:
 The input files a user would bring are written first (FIXTURES: prompts.txt, raw.txt.gz).
 
 Not run here, and why (each also parsed by tests/test_docs.py):
-- blocks marked tpu, gpu, download or files (a TPU VM, a GPU, a Hugging Face download, a file the
-  user writes); data-marked blocks run when T5LITE_DATA_DIR is set (CI), else are skipped;
+- blocks marked tpu, gpu, download, files or cloud (a TPU VM, a GPU, a Hugging Face download, a file the
+  user writes, a cloud project); data-marked blocks run when T5LITE_DATA_DIR is set (CI), else are skipped;
 - templates, where `...` stands for the user's paths;
 - `python bench/...`: benchmarks, minutes of a quiet machine each, whose figures are what
   docs/performance.md records; the commands that set up a virtual environment and install
@@ -54,7 +55,7 @@ SHRINK = {
     "t5lite.precompile": ["--gin_file=gin/models/t5_1_1_tiny.gin"],
 }
 SHRINK_WATCH = ["--gin.evaluate.watch_interval_s=0.5", "--gin.evaluate.watch_timeout_s=1.0"]
-NOT_RUN_NEEDS = {"tpu", "gpu", "download", "files"}
+NOT_RUN_NEEDS = {"tpu", "gpu", "download", "files", "cloud"}
 FIXTURES = {
     "prompts.txt": "The quick brown fox\nA summary of the play:\nTo be or not to be\n",
 }
@@ -135,6 +136,8 @@ def prepared(words: list[str], cwd: str) -> tuple[list[str], dict[str, str]]:
         inner[0] = sys.executable
     words = words[:len(words) - len(inner)] + inner
     words += SHRINK.get(module, [])
+    if module == "t5lite.sweep":  # a random or Bayesian sweep: 2 trials of the study, not the docs' 16
+        words = [("--trials=2" if w.startswith("--trials=") else w) for w in words]
     if module == "t5lite.eval" and "--watch" in inner:
         words += SHRINK_WATCH
     env = {}

@@ -111,6 +111,11 @@ def _bucket(value: float, buckets: tuple[tuple[float, str], ...]) -> str:
     return [label for low, label in buckets if value >= low][-1]
 
 
+def _most_common(counts: collections.Counter) -> list[tuple[str, int]]:
+    """Most common first, ties by key: the same report whatever order the counts were merged in (Beam)."""
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
 @dataclasses.dataclass
 class CleaningReport:
     documents_in: int = 0
@@ -131,12 +136,12 @@ class CleaningReport:
         if self.pii_replaced:
             out["pii_replaced"] = dict(self.pii_replaced)
         if self.languages:
-            out["languages"] = dict(self.languages.most_common())
+            out["languages"] = dict(_most_common(self.languages))
         if self.blocklist_matches:
             out["blocklist_scores"] = {
                 "matches_per_document": {label: self.blocklist_matches[label] for _, label in _MATCH_BUCKETS},
                 "matches_per_word": {label: self.blocklist_fraction[label] for _, label in _FRACTION_BUCKETS},
-                "top_terms": dict(self.blocklist_terms.most_common(20))}
+                "top_terms": dict(_most_common(self.blocklist_terms)[:20])}
         return out
 
 
@@ -284,12 +289,8 @@ def cleaning_preprocessor(cleaner: TextCleaner, feature: str = "text"):
     return preprocess
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", action="append", default=[], required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--report")
+def add_cleaner_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of TextCleaner's options and of how documents are read (shared with t5lite.data.pipelines)."""
     parser.add_argument("--separator", default="line", choices=SEPARATORS,
                         help="documents are lines, blank-line separated blocks or WikiText articles; the output "
                         "separates them by a newline (line) or a blank line (the others)")
@@ -313,21 +314,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                        pii.DEFAULT_PLACEHOLDERS.items()))
     parser.add_argument("--min_words", type=int, default=1)
     parser.add_argument("--max_chars", type=int)
+
+
+def cleaner_options(args: argparse.Namespace) -> dict:
+    """TextCleaner's keyword arguments from the flags of add_cleaner_arguments (UserError if malformed)."""
+    placeholders = dict(p.split("=", 1) for p in args.pii_placeholder if "=" in p)
+    if len(placeholders) != len(args.pii_placeholder):
+        raise UserError(f"--pii_placeholder takes KIND=TEXT, got {args.pii_placeholder}.")
+    return dict(
+        markup=not args.no_markup, unicode_form=args.unicode_form or None, c4_lines=args.c4_lines,
+        c4_min_words=args.c4_min_words,
+        blocklist=toxicity.load_wordlist(args.blocklist) if args.blocklist else (),
+        blocklist_min_count=args.blocklist_min_count, blocklist_min_fraction=args.blocklist_min_fraction,
+        keep_languages=args.keep_languages.split(",") if args.keep_languages else None,
+        min_language_confidence=args.min_language_confidence, emoji_to_text=args.emoji_to_text,
+        emoji_delimiters=tuple(args.emoji_delimiters), scrub_pii=args.scrub_pii,
+        pii_kinds=[k for k in args.pii_kinds.split(",") if k], pii_placeholders=placeholders,
+        min_words=args.min_words, max_chars=args.max_chars)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", action="append", default=[], required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--report")
+    add_cleaner_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        placeholders = dict(p.split("=", 1) for p in args.pii_placeholder if "=" in p)
-        if len(placeholders) != len(args.pii_placeholder):
-            raise UserError(f"--pii_placeholder takes KIND=TEXT, got {args.pii_placeholder}.")
-        cleaner = TextCleaner(
-            markup=not args.no_markup, unicode_form=args.unicode_form or None, c4_lines=args.c4_lines,
-            c4_min_words=args.c4_min_words,
-            blocklist=toxicity.load_wordlist(args.blocklist) if args.blocklist else (),
-            blocklist_min_count=args.blocklist_min_count, blocklist_min_fraction=args.blocklist_min_fraction,
-            keep_languages=args.keep_languages.split(",") if args.keep_languages else None,
-            min_language_confidence=args.min_language_confidence, emoji_to_text=args.emoji_to_text,
-            emoji_delimiters=tuple(args.emoji_delimiters), scrub_pii=args.scrub_pii,
-            pii_kinds=[k for k in args.pii_kinds.split(",") if k], pii_placeholders=placeholders,
-            min_words=args.min_words, max_chars=args.max_chars)
+        cleaner = TextCleaner(**cleaner_options(args))
         kept = [c for path in args.input for d in read_documents(path, separator=args.separator)
                 if (c := cleaner.clean(d)) is not None]
     except (UserError, OSError) as e:

@@ -25,7 +25,7 @@ import numpy as np
 
 from t5lite.data import documents as documents_lib
 from t5lite.data.contamination import contamination_of_tasks
-from t5lite.data.ngrams import MERSENNE_31, stable_hash31, word_ngrams
+from t5lite.data.ngrams import MERSENNE_31, word_ngrams
 from t5lite.errors import UserError, reports_user_errors
 
 
@@ -34,12 +34,17 @@ def normalize(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
+def exact_key(text: str) -> bytes:
+    """16 bytes that two documents share exactly when they are exact duplicates (blake2b of normalize())."""
+    return hashlib.blake2b(normalize(text).encode("utf-8"), digest_size=16).digest()
+
+
 def exact_duplicate_mask(documents: Sequence[str]) -> np.ndarray:
     """bool [num_documents], True where a document repeats an earlier one after normalize()."""
     seen: set[bytes] = set()
     mask = np.zeros(len(documents), bool)
     for i, doc in enumerate(documents):
-        key = hashlib.blake2b(normalize(doc).encode("utf-8"), digest_size=16).digest()
+        key = exact_key(doc)
         mask[i] = key in seen
         seen.add(key)
     return mask
@@ -57,52 +62,93 @@ class MinHasher:
 
     def signature(self, text: str) -> np.ndarray:
         """uint64 [num_permutations]; all-max for a text without words (never matches)."""
-        hashes = np.array([stable_hash31(s) for s in set(word_ngrams(text, self.shingle_words))], np.uint64)
-        if hashes.size == 0:
+        shingles = set(word_ngrams(text, self.shingle_words))
+        if not shingles:
             return np.full(self.num_permutations, MERSENNE_31, np.uint64)
+        # [shingles]: ngrams.stable_hash31 of each, its digests read as one array (not int by int).
+        digests = b"".join([hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest() for s in shingles])
+        hashes = np.frombuffer(digests, "<u8") % np.uint64(MERSENNE_31)
         # [shingles, permutations]; a * h < 2^62, so no uint64 overflow before the modulus.
-        return ((hashes[:, None] * self._a[None] + self._b[None]) % MERSENNE_31).min(axis=0)
+        return ((hashes[:, None] * self._a[None] + self._b[None]) % np.uint64(MERSENNE_31)).min(axis=0)
+
+
+NUM_BANDS = 16  # LSH bands of near_duplicate_mask: 128 permutations / 16 = 8 rows a band
+
+
+def band_keys(signature: np.ndarray, num_bands: int = NUM_BANDS) -> list[tuple[int, bytes]]:
+    """The LSH buckets of a signature [num_permutations]: (band, its rows as bytes) per band."""
+    rows = len(signature) // num_bands
+    return [(band, signature[band * rows : (band + 1) * rows].tobytes()) for band in range(num_bands)]
+
+
+def is_near_duplicate(signature: np.ndarray, other: np.ndarray, threshold: float) -> bool:
+    """Estimated Jaccard similarity (agreeing signature rows) >= threshold."""
+    return bool(np.mean(signature == other) >= threshold)
+
+
+def has_words(signature: np.ndarray) -> bool:
+    """False for the signature of a text without words (MinHasher.signature), which matches nothing."""
+    return bool(signature[0] != MERSENNE_31)
+
+
+class Clusters:
+    """Union-find over document ids that orders as the corpus does: each cluster's root is its smallest
+    id, the document that stays. Ids are any mutually comparable values (indices, (file, line) pairs)."""
+
+    def __init__(self):
+        self._parent: dict = {}
+
+    def root(self, i):
+        parent = self._parent
+        path = []
+        while parent.get(i, i) != i:
+            path.append(i)
+            i = parent[i]
+        for j in path:  # path compression
+            parent[j] = i
+        return i
+
+    def union(self, i, j) -> None:
+        a, b = sorted((self.root(i), self.root(j)))
+        if a != b:
+            self._parent[b] = a  # the earlier document stays the representative
+
+    def duplicates(self) -> set:
+        """Ids that are not the root of their cluster: the documents to drop."""
+        return {i for i in self._parent if self.root(i) != i}
 
 
 def near_duplicate_mask(
-    documents: Sequence[str], *, threshold: float = 0.8, num_bands: int = 16, hasher: MinHasher | None = None
+    documents: Sequence[str], *, threshold: float = 0.8, num_bands: int = NUM_BANDS, hasher: MinHasher | None = None
 ) -> np.ndarray:
     """bool [num_documents], True for documents with a near-duplicate earlier in the list.
 
     Candidates share a band (num_permutations / num_bands signature rows) in an LSH table;
-    a candidate pair counts if its estimated Jaccard similarity is >= threshold.
+    a candidate pair counts if its estimated Jaccard similarity is >= threshold. Documents linked by
+    such pairs, directly or through others, form a cluster whose first document stays.
     """
     hasher = hasher or MinHasher()
     if hasher.num_permutations % num_bands:
         raise UserError(f"num_permutations={hasher.num_permutations} must be a multiple of num_bands={num_bands}.")
-    rows = hasher.num_permutations // num_bands
-    signatures = np.stack([hasher.signature(d) for d in documents]) if documents else np.zeros((0, 1))
-    first_of_cluster = np.arange(len(documents))  # union-find parent
+    signatures = [hasher.signature(d) for d in documents]
+    clusters = Clusters()
     buckets: dict[tuple[int, bytes], list[int]] = {}
-
-    def root(i: int) -> int:
-        while first_of_cluster[i] != i:
-            first_of_cluster[i] = first_of_cluster[first_of_cluster[i]]
-            i = first_of_cluster[i]
-        return i
-
     for i, sig in enumerate(signatures):
-        if sig[0] == MERSENNE_31:  # no words: cannot be a near duplicate
+        if not has_words(sig):  # no words: cannot be a near duplicate
             continue
-        for band in range(num_bands):
-            key = (band, sig[band * rows : (band + 1) * rows].tobytes())
+        for key in band_keys(sig, num_bands):
             for j in buckets.setdefault(key, []):
-                if root(i) != root(j) and np.mean(signatures[j] == sig) >= threshold:
-                    a, b = sorted((root(i), root(j)))
-                    first_of_cluster[b] = a  # the earlier document stays the representative
+                if clusters.root(i) != clusters.root(j) and is_near_duplicate(signatures[j], sig, threshold):
+                    clusters.union(i, j)
             buckets[key].append(i)
-    return np.array([root(i) != i for i in range(len(documents))], bool)
+    mask = np.zeros(len(documents), bool)
+    mask[sorted(clusters.duplicates())] = True
+    return mask
 
 
 def deduplicate(documents: Sequence[str], *, mode: str, threshold: float = 0.8) -> tuple[list[str], dict]:
     """(kept documents in order, report) for mode "exact" or "near" (near also drops exact dups)."""
-    if mode not in ("exact", "near"):
-        raise UserError(f"mode={mode!r}; choose 'exact' or 'near'.")
+    check_mode(mode)
     exact = exact_duplicate_mask(documents)
     dropped = exact.copy()
     near_count = 0
@@ -113,15 +159,35 @@ def deduplicate(documents: Sequence[str], *, mode: str, threshold: float = 0.8) 
             dropped[i] |= is_dup
         near_count = int(near.sum())
     kept = [d for d, drop in zip(documents, dropped, strict=True) if not drop]
+    return kept, dedup_report(mode=mode, threshold=threshold, documents=len(documents), kept=len(kept),
+                              exact_duplicates=int(exact.sum()), near_duplicates=near_count,
+                              characters_in=sum(map(len, documents)), characters_kept=sum(map(len, kept)))
+
+
+def check_mode(mode: str) -> None:
+    if mode not in ("exact", "near"):
+        raise UserError(f"mode={mode!r}; choose 'exact' or 'near'.")
+
+
+def dedup_report(*, mode: str, threshold: float, documents: int, kept: int, exact_duplicates: int,
+                 near_duplicates: int, characters_in: int, characters_kept: int) -> dict:
+    """The report of deduplicate() (and of the Beam pipeline, t5lite.data.pipelines) from its counts."""
     report = {
-        "mode": mode, "documents": len(documents), "kept": len(kept),
-        "exact_duplicates": int(exact.sum()), "near_duplicates": near_count,
-        "percent_removed": 100.0 * (len(documents) - len(kept)) / max(len(documents), 1),
-        "characters_in": sum(map(len, documents)), "characters_kept": sum(map(len, kept)),
+        "mode": mode, "documents": documents, "kept": kept,
+        "exact_duplicates": exact_duplicates, "near_duplicates": near_duplicates,
+        "percent_removed": 100.0 * (documents - kept) / max(documents, 1),
+        "characters_in": characters_in, "characters_kept": characters_kept,
     }
     if mode == "near":
         report["threshold"] = threshold
-    return kept, report
+    return report
+
+
+def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of what deduplicate() does and how documents are read (shared with the Beam pipeline)."""
+    parser.add_argument("--mode", default="exact", choices=["exact", "near"])
+    parser.add_argument("--threshold", type=float, default=0.8, help="near mode: Jaccard similarity")
+    parser.add_argument("--separator", default="line", choices=["line", "blank_line"])
 
 
 @reports_user_errors
@@ -130,9 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", action="append", default=[], help="text file(s), .gz allowed (dedup mode)")
     parser.add_argument("--output", help="where the kept documents go (dedup mode)")
     parser.add_argument("--report", help="JSON report path (default: print only)")
-    parser.add_argument("--mode", default="exact", choices=["exact", "near"])
-    parser.add_argument("--threshold", type=float, default=0.8, help="near mode: Jaccard similarity")
-    parser.add_argument("--separator", default="line", choices=["line", "blank_line"])
+    add_dedup_arguments(parser)
     parser.add_argument("--contamination", action="store_true", help="n-gram overlap of eval sets vs a train set")
     parser.add_argument("--train_task", help="contamination: training task or mixture (its 'train' split)")
     parser.add_argument("--eval_task", action="append", default=[], help="contamination: TASK[:SPLIT] (repeatable)")

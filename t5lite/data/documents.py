@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from t5lite.errors import UserError
 
@@ -25,26 +25,31 @@ def read_documents(path: str, *, separator: str = "line") -> Iterator[str]:
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            if separator == "line":
-                yield from (line.rstrip("\n") for line in f if line.strip())
-                return
-            block: list[str] = []
-            for line in f:
-                line = line.rstrip("\n")
-                if separator == "wikitext_article":
-                    if block and _WIKITEXT_ARTICLE_TITLE.fullmatch(line):
-                        yield "\n".join(block)
-                        block = []
-                    if line.strip():
-                        block.append(line.strip(" "))
-                elif line.strip():
-                    block.append(line)
-                elif block:
-                    yield "\n".join(block)
-                    block = []
-            if block:
-                yield "\n".join(block)
+            yield from split_documents(f, separator=separator)
     except FileNotFoundError as e:
         raise UserError(f"Input file {path!r} does not exist.") from e
     except UnicodeDecodeError as e:
         raise UserError(f"{path!r} is not UTF-8 text ({e}).") from e
+
+
+def split_documents(lines: Iterable[str], *, separator: str = "line") -> Iterator[str]:
+    """The documents of a text's lines (with or without their newlines), as read_documents cuts them."""
+    if separator == "line":
+        yield from (line.rstrip("\n") for line in lines if line.strip())
+        return
+    block: list[str] = []
+    for line in lines:
+        line = line.rstrip("\n")
+        if separator == "wikitext_article":
+            if block and _WIKITEXT_ARTICLE_TITLE.fullmatch(line):
+                yield "\n".join(block)
+                block = []
+            if line.strip():
+                block.append(line.strip(" "))
+        elif line.strip():
+            block.append(line)
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)

@@ -12,6 +12,7 @@ import difflib
 import functools
 import hashlib
 import itertools
+import os
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -95,6 +96,7 @@ def get_batches(
     num_epochs: int | None = None,
     pack: bool = True,
     shard_info: seqio.ShardInfo | None = None,
+    cache_dir: str | None = None,
 ) -> "BatchIterator":
     """Batches of model features for this host.
 
@@ -111,6 +113,8 @@ def get_batches(
       num_epochs: passes over the data; None repeats forever.
       pack: pack several examples per row (segment ids and positions mark them).
       shard_info: this host's shard; hosts get disjoint examples.
+      cache_dir: read the tasks' seqio caches there (python -m t5lite.data.pipelines cache), not the
+        sources: the steps before each task's seqio.CacheDatasetPlaceholder are not run again.
 
     Returns:
       A BatchIterator of {feature: int32 [batch_size, length]}. The first batch is built
@@ -128,6 +132,8 @@ def get_batches(
             "Sharded shuffling needs a seed: every host must shuffle the same way for the "
             "shards to be disjoint. Pass seed=<int>."
         )
+    if cache_dir:
+        _check_cached(provider, split, cache_dir)
     dataset = seqio.get_dataset(
         provider,
         task_feature_lengths=dict(task_feature_lengths),
@@ -138,6 +144,7 @@ def get_batches(
         shard_info=shard_info,
         seed=seed,
         batch_size=batch_size,  # seqio batches with drop_remainder=True
+        use_cached=bool(cache_dir),
         verbose=False,
     )
     batches = BatchIterator(dataset.prefetch(tf.data.AUTOTUNE))
@@ -267,6 +274,20 @@ def _check_split(provider: seqio.Task | seqio.Mixture, split: str) -> None:
             f"{provider.name!r}: split {split!r} is missing from {', '.join(lacking)}. "
             f"Available splits: {', '.join(available)}."
         )
+
+
+def _check_cached(provider: seqio.Task | seqio.Mixture, split: str, cache_dir: str) -> None:
+    """Every Task of provider has its split cached in cache_dir (seqio would fall back, or fail, later)."""
+    seqio.add_global_cache_dirs([cache_dir])
+    for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
+        task_dir = os.path.join(cache_dir, seqio.get_task_dir_from_name(task.name))
+        if not task.supports_caching:
+            raise UserError(f"{task.name!r} cannot be read from a cache: it has no seqio.CacheDatasetPlaceholder "
+                            "(docs/data-and-tasks.md#pipelines-at-scale-apache-beam). Unset DataConfig.cache_dir.")
+        cached = [os.path.join(task_dir, "COMPLETED"), seqio.get_cached_info_path(task_dir, split)]
+        if not all(tf.io.gfile.exists(path) for path in cached):
+            raise UserError(f"{task.name!r} split {split!r} is not cached in {cache_dir!r}: run python -m "
+                            f"t5lite.data.pipelines cache --task={task.name} --output_cache_dir={cache_dir}")
 
 
 def _feature_converter(model_type: str, pack: bool) -> seqio.FeatureConverter:
