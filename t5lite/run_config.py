@@ -5,6 +5,7 @@
       LoopConfig         how long and how: steps, microbatches, logging, non-finite steps, profiling
       LossConfig         label smoothing, z-loss
       PreferenceConfig   preference tuning on pairs (DPO, IPO, SimPO) instead of the LM loss
+      GRPOConfig         RL from a reward (GRPO) on sampled completions instead of the LM loss
       EvalConfig         evaluation during training: teacher-forced, inference, early stopping
       CheckpointConfig   saving, keeping, and where the params start from (fine-tuning)
 
@@ -124,6 +125,76 @@ class PreferenceConfig:
         return self.objective in ("dpo", "ipo")
 
 
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # TRL 1.16's names; "dapo" is its default
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO (t5lite.grpo, docs/post-training.md): enabled trains on completions sampled from the policy
+    and scored by `rewards` instead of the LM loss; the task gives the prompts. Names and defaults are
+    TRL 1.16's GRPOConfig. DataConfig.batch_size counts completions: batch_size / num_generations prompts
+    per step, each sampled num_generations times; TASK_FEATURE_LENGTHS["targets"] is the most tokens a
+    completion has (TRL's max_completion_length).
+
+    rewards: reward functions, each a registered name (t5lite.rewards) or "module:function", called as
+      f(prompts: list[str], completions: list[str]) -> list[float]; summed with reward_weights (None: 1 each).
+    temperature, top_k, top_p: sampling (the log-probabilities of the loss are those of logits / temperature).
+    beta: weight of the k3 KL estimate to the reference (the starting model); 0 needs no reference.
+    epsilon, epsilon_high: the ratio is clipped to [1 - epsilon, 1 + epsilon_high] (None: epsilon).
+    num_iterations: updates per batch of completions (mu); above 1 the batch is reused, its
+      log-probabilities under the sampling policy kept as the old policy's.
+    scale_rewards: advantages divided by the std of the group, of the batch, or not at all ("none").
+    loss_type: "dapo" (token losses / tokens of the global batch), "grpo" (mean per completion, then
+      over completions), "dr_grpo" (token losses / (completions * max completion length)).
+    mask_truncated_completions: completions without EOS get no loss (DAPO)."""
+
+    enabled: bool = False
+    rewards: tuple[str, ...] = ()
+    reward_weights: tuple[float, ...] | None = None
+    num_generations: int = 8
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    num_iterations: int = 1
+    scale_rewards: str = "group"
+    loss_type: str = "dapo"
+    mask_truncated_completions: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "rewards", tuple(self.rewards))
+        if self.reward_weights is not None:
+            object.__setattr__(self, "reward_weights", tuple(float(w) for w in self.reward_weights))
+        if self.epsilon_high is None:
+            object.__setattr__(self, "epsilon_high", self.epsilon)
+        for name in ("num_generations", "num_iterations"):
+            _check_positive(self, name)
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise UserError(f"GRPOConfig.loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}.")
+        if self.scale_rewards not in GRPO_SCALE_REWARDS:
+            raise UserError(f"GRPOConfig.scale_rewards must be one of {GRPO_SCALE_REWARDS}, got "
+                            f"{self.scale_rewards!r}.")
+        if not (self.temperature > 0 and self.top_k >= 0 and 0 < self.top_p <= 1):
+            raise UserError(f"GRPOConfig samples: need temperature > 0, top_k >= 0, 0 < top_p <= 1; got "
+                            f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}.")
+        if self.beta < 0 or self.epsilon < 0 or self.epsilon_high < 0:
+            raise UserError(f"GRPOConfig.beta, epsilon and epsilon_high must be >= 0, got {self.beta}, "
+                            f"{self.epsilon}, {self.epsilon_high}.")
+        if self.enabled and self.num_generations < 2:
+            raise UserError("GRPOConfig.num_generations must be at least 2: the advantages compare the "
+                            "completions of one prompt.")
+        if self.enabled and not self.rewards:
+            raise UserError("GRPOConfig.rewards is empty: name a reward, e.g. GRPOConfig.rewards = "
+                            "['arithmetic_exact'] or ['my_module:my_reward'] (t5lite/rewards.py).")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise UserError(f"GRPOConfig.reward_weights has {len(self.reward_weights)} weights for "
+                            f"{len(self.rewards)} rewards {list(self.rewards)}.")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -191,8 +262,14 @@ class TrainConfig:
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     preference: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     evals: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoints: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        if self.preference.enabled and self.grpo.enabled:
+            raise UserError("PreferenceConfig.objective and GRPOConfig.enabled are both set: a run trains on "
+                            "pairs or on sampled completions, not both.")
 
     @property
     def eval_mixture_or_task_name(self) -> str:

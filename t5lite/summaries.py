@@ -27,11 +27,15 @@ def format_duration(seconds: float) -> str:
 def progress_line(step: int, total: int, metrics: Mapping[str, float], rates: Mapping[str, float], eta_s: float) -> str:
     """e.g. 'step  100/1000 | loss 4.3210 | acc 0.231 | lr 1.00e-02 | 2.31 steps/s | 12.3k tok/s (9.8k real) |
     MFU 41.2% | ETA 6m30s' (MFU when `rates` has it). A preference run (no token accuracy) shows its
-    reward accuracy and margin instead of 'acc'."""
+    reward accuracy and margin instead of 'acc', a GRPO run its mean reward (and KL, with a KL term)."""
     width = len(str(total))
     mfu = f"MFU {rates['mfu']:.1%} | " if "mfu" in rates else ""
-    quality = (f"acc {metrics['accuracy']:.3f} | " if "accuracy" in metrics else
-               f"reward acc {metrics['rewards/accuracies']:.3f} | margin {metrics['rewards/margins']:.3f} | ")
+    if "accuracy" in metrics:
+        quality = f"acc {metrics['accuracy']:.3f} | "
+    elif "reward" in metrics:
+        quality = f"reward {metrics['reward']:.3f} | " + (f"kl {metrics['kl']:.4f} | " if "kl" in metrics else "")
+    else:
+        quality = f"reward acc {metrics['rewards/accuracies']:.3f} | margin {metrics['rewards/margins']:.3f} | "
     return (
         f"step {step:>{width}d}/{total} | loss {metrics['loss']:.4f} | {quality}"
         f"lr {metrics['learning_rate']:.2e} | {rates['steps_per_s']:.2f} steps/s | "

@@ -43,6 +43,8 @@ from t5lite import (
     observability,
     partitioning,
     preemption,
+    rewards,
+    rollouts,
     run_dir,
     trainer,
 )
@@ -399,12 +401,7 @@ def train(run: TrainConfig) -> TrainResult:
     # --- State and data position: resume from MODEL_DIR or initialise ---------------------------------
     # The train stream is built first so that a resume can put it back where the checkpoint left it:
     # a resumed run sees exactly the batches an uninterrupted run would have seen.
-    train_batches = pipeline.get_batches(
-        run.data.mixture_or_task_name, split=run.data.split, shuffle=True, num_epochs=None, seed=run.seed,
-        task_feature_lengths=lengths, model_type=model_type, batch_size=batch_size // jax.process_count(),
-        # Each host reads only its own shard of every task and feeds its slice of the global batch.
-        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()),
-        cache_dir=run.data.cache_dir)
+    train_batches = make_train_batches(run, program, train_features, model_type)
     ckpt = checkpoints.Checkpointer(run_dir.checkpoints_dir(model_dir), save_every=run.checkpoints.every,
                                     keep=run.checkpoints.keep, best_metric=run.checkpoints.best_metric,
                                     best_mode=run.checkpoints.best_mode, checksums=run.checkpoints.checksums,
@@ -441,16 +438,49 @@ def train(run: TrainConfig) -> TrainResult:
                                         observability.total_peak_flops(jax.devices()))
     loop = TrainLoop(run, program, state, train_batches, evaluator, ckpt, writer, timer, model_dir, num_train_steps,
                      is_chief)
+    if run.grpo.enabled:
+        train_batches.follow(lambda: loop.state)  # completions are sampled from the state being trained
     loop.run_steps()
     return loop.finish()
 
 
+def make_train_batches(run: TrainConfig, program: trainer.TrainProgram, features: Mapping[str, seqio.Feature],
+                       model_type: str):
+    """This host's train stream: the task's batches, or with GRPOConfig.enabled batches of completions
+    sampled from the train state (rollouts.RolloutBatches; call its follow() with the loop's state) for
+    batch_size / num_generations of the task's prompts per step (decoder-only: prefix-LM features)."""
+    per_host = run.data.batch_size // jax.process_count()
+    grpo = run.grpo
+    if grpo.enabled and per_host % grpo.num_generations:
+        raise UserError(f"DataConfig.batch_size={run.data.batch_size} counts completions: per process "
+                        f"({per_host}) it must be a multiple of GRPOConfig.num_generations={grpo.num_generations}.")
+    encoder_decoder = program.model.config.is_encoder_decoder
+    batches = pipeline.get_batches(
+        run.data.mixture_or_task_name, split=run.data.split, shuffle=True, num_epochs=None, seed=run.seed,
+        task_feature_lengths=run.data.task_feature_lengths,
+        model_type=(model_type if encoder_decoder else "prefix_lm") if grpo.enabled else model_type,
+        batch_size=per_host // grpo.num_generations if grpo.enabled else per_host, pack=not grpo.enabled,
+        # Each host reads only its own shard of every task and feeds its slice of the global batch.
+        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()),
+        cache_dir=run.data.cache_dir)
+    if not grpo.enabled:
+        return batches
+    vocabulary = features["targets"].vocabulary
+    return rollouts.RolloutBatches(
+        batches, model=program.model, adaptation=program.adaptation, config=grpo,
+        reward_fns=[(name, rewards.resolve(name)) for name in grpo.rewards], decode=vocabulary.decode,
+        lengths=run.data.task_feature_lengths, mesh=program.mesh, rules=program.rules, seed=run.seed,
+        prefix_lm=run.data.prefix_lm, eos_id=vocabulary.eos_id)
+
+
 def step_flops(model: trainer.Model, run: TrainConfig, batch_size: int, lengths: Mapping[str, int]) -> float:
     """Model FLOPs of a train step. Preference pairs: training on both answers of each pair (2x the
-    rows), plus the reference's forward pass (a third of a training pass) for DPO and IPO."""
+    rows), plus the reference's forward pass (a third of a training pass) for DPO and IPO; GRPO with a
+    KL term likewise (its sampling is not counted)."""
     rows = batch_size * (2 if run.preference.enabled else 1)
     flops = observability.train_step_flops(model.config, model.input_shapes(rows, lengths))
-    return flops * (4 / 3 if run.preference.uses_reference else 1)
+    uses_reference = run.preference.uses_reference or (run.grpo.enabled and run.grpo.beta != 0)
+    return flops * (4 / 3 if uses_reference else 1)
 
 
 def _bytes(abstract_tree) -> int:

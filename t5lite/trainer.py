@@ -8,7 +8,9 @@ The loss of a step is the sum of per-token losses over the GLOBAL batch divided 
 of real target tokens in it. With gradient accumulation the batch is split into microbatches
 whose gradient SUMS are added before that one division, so the update equals the update of
 the whole batch at once. Preference tuning (PreferenceConfig.objective; t5lite.preference) runs
-through the same step: its loss is a sum over pairs, divided once by the global number of pairs.
+through the same step: its loss is a sum over pairs, divided once by the global number of pairs. So
+does GRPO (GRPOConfig; t5lite.grpo) on batches of sampled completions (t5lite.rollouts): its loss sum
+is divided once by the global count of its loss type (completion tokens or completions).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from jax.sharding import Mesh
 
 from t5lite import adaptation as adaptation_lib
 from t5lite import checkpoints, partitioning
+from t5lite import grpo as grpo_lib
 from t5lite import preference as preference_lib
 from t5lite.errors import UserError
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model, normalize_metric_sums
 from t5lite.optim import make_optimizer
-from t5lite.run_config import LossConfig, PreferenceConfig, TrainConfig
+from t5lite.run_config import GRPOConfig, LossConfig, PreferenceConfig, TrainConfig
 
 Array = jax.Array
 
@@ -176,6 +179,7 @@ def make_train_step(
     model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
     loss_config: LossConfig, num_microbatches: int = 1, use_dropout: bool = True,
     adaptation: adaptation_lib.Adaptation | None = None, preference: PreferenceConfig | None = None,
+    grpo: GRPOConfig | None = None,
 ) -> Callable[[TrainState, Mapping[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
     """(state, batch, rng) -> (new_state, metrics); jit it with shardings and donate the state.
 
@@ -183,10 +187,13 @@ def make_train_step(
     has the old params and optimizer state, and only the step counter advanced. With an
     `adaptation`, only its trainable part of the params is differentiated and updated. With an
     enabled `preference` config the batch holds pairs and the loss is a mean over them; DPO / IPO
-    read the reference from the LoRA base or the state's PreferenceTrainState.reference.
+    read the reference from the LoRA base or the state's PreferenceTrainState.reference. With an
+    enabled `grpo` config the batch holds sampled completions (t5lite.rollouts) and the loss is GRPO's;
+    a KL term (beta > 0) reads the reference as DPO does.
     """
     adaptation = adaptation or adaptation_lib.FullAdaptation()
     preference = preference if preference is not None and preference.enabled else None
+    grpo = grpo if grpo is not None and grpo.enabled else None
 
     def train_step(state: TrainState, batch: Mapping[str, Array], rng: Array):
         dropout_rng = jax.random.fold_in(rng, state.step) if use_dropout else None
@@ -197,10 +204,14 @@ def make_train_step(
             reference = preference_lib.reference_params(adaptation, state.params, getattr(state, "reference", None))
             loss_sums = _preference_loss_sums(model, preference, reference)
             count, normalize = "num_pairs", preference_lib.normalize_sums
+        if grpo is not None:
+            reference = preference_lib.reference_params(adaptation, state.params, getattr(state, "reference", None))
+            loss_sums = functools.partial(_grpo_loss_sums, model, grpo, reference)
+            count, normalize = grpo_lib.NORMALIZER, grpo_lib.normalize_sums
         grad_sums, sums = grad_and_metric_sums(
             model, trainable, batch, dropout_rng, loss_config, num_microbatches,
             to_model_params=lambda t: adaptation.step_params(state.params, t, adapter_rng), loss_sums=loss_sums)
-        # One division by the global count of real tokens (LM) or pairs: the loss is a mean over them.
+        # One division by the global count of real tokens (LM), pairs, or GRPO's normalizer: a mean over them.
         num_tokens = jnp.maximum(sums[count], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / num_tokens, grad_sums)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -228,6 +239,11 @@ def _preference_loss_sums(model: Model, config: PreferenceConfig, reference) -> 
     return loss_sums
 
 
+def _grpo_loss_sums(model: Model, config: GRPOConfig, reference, params, batch, dropout_rng):
+    """loss_sums (see grad_and_metric_sums) of a batch of completions against the reference's params."""
+    return grpo_lib.loss_sums(model, params, batch, config=config, reference_params=reference, dropout_rng=dropout_rng)
+
+
 # XLA:CPU hands each matmul to YNNPACK on its own by default, so every weight gradient (x^T dy,
 # a contraction over the major dimension of both) first writes a transposed copy of x or dy, and
 # the MLP's GELU backward is fused into that strided copy. Letting YNNPACK fuse a matmul with its
@@ -246,11 +262,12 @@ def jit_train_step(
     model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, init: ShardedInit, mesh: Mesh,
     rules, *, loss_config: LossConfig, num_microbatches: int = 1, use_dropout: bool = True,
     adaptation: adaptation_lib.Adaptation | None = None, preference: PreferenceConfig | None = None,
+    grpo: GRPOConfig | None = None,
 ) -> Callable[[TrainState, Mapping[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
     """The train step jitted for the mesh: state sharded as `init` says, batch over the data axes,
     activations constrained by the rules, the state donated."""
     step = make_train_step(model, tx, schedule, loss_config=loss_config, num_microbatches=num_microbatches,
-                           use_dropout=use_dropout, adaptation=adaptation, preference=preference)
+                           use_dropout=use_dropout, adaptation=adaptation, preference=preference, grpo=grpo)
     return jax.jit(
         partitioning.with_sharding_rules(step, mesh, rules),
         in_shardings=(init.state_shardings, partitioning.batch_sharding(mesh), None),
@@ -352,14 +369,15 @@ def build_train_program(config: TransformerConfig, run: TrainConfig, mesh: Mesh)
     adaptation = adaptation_lib.make_adaptation()
     tx = adaptation.wrap_optimizer(optimizer.tx)
     input_shapes = model.input_shapes(run.data.batch_size, run.data.task_feature_lengths)
-    init = make_sharded_init(model, tx, input_shapes, mesh, rules, adaptation,
-                             keep_reference=preference_lib.keeps_reference_copy(run.preference, adaptation))
+    keep_reference = (preference_lib.keeps_reference_copy(run.preference, adaptation)
+                      or grpo_lib.keeps_reference_copy(run.grpo, adaptation))
+    init = make_sharded_init(model, tx, input_shapes, mesh, rules, adaptation, keep_reference=keep_reference)
     initial_path = run.checkpoints.initial_checkpoint_path
     initial_step = checkpoints.read_step(initial_path) if initial_path else 0
     step = jit_train_step(
         model, tx, lambda s: optimizer.schedule(s - initial_step), init, mesh, rules, loss_config=run.loss,
         num_microbatches=run.loop.num_microbatches, use_dropout=config.dropout_rate > 0, adaptation=adaptation,
-        preference=run.preference)
+        preference=run.preference, grpo=run.grpo)
     return TrainProgram(model, adaptation, optimizer, tx, init, initial_step, step, mesh, rules, run.preference)
 
 
