@@ -289,10 +289,11 @@ class Engine:
         self._state_shardings = jax.tree_util.tree_map(lambda x: self._slot_sharding(x.shape), shapes)
         state = jax.tree_util.tree_map(lambda x, sh: spec(x.shape, x.dtype, sh), shapes, self._state_shardings)
         slots = self._slot_sharding((s,))
+        params = placed(self.params)
         started = time.perf_counter()
         step = self._jit(self._steps, donate=(1,), out_shardings=(self._state_shardings, *[None] * 4))
         self._compiled_step = step.lower(
-            placed(self.params), state, spec((s,), i32, slots), spec((s,), i32, slots), spec((s,), f32, slots),
+            params, state, spec((s,), i32, slots), spec((s,), i32, slots), spec((s,), f32, slots),
             spec((s,), i32, slots), spec((s,), f32, slots), spec((), jnp.bool_)).compile()
         self._compiled_prefill = {}
         extra = 0 if self.encoder_decoder else 1  # BOS
@@ -300,7 +301,7 @@ class Engine:
         for rows in c.batches:
             for length in c.buckets:
                 self._compiled_prefill[rows, length] = prefill.lower(
-                    placed(self.params), state, spec((rows, length + extra)), spec((rows,)), spec((rows,)),
+                    params, state, spec((rows, length + extra)), spec((rows,)), spec((rows,)),
                     spec((rows, 2), jnp.uint32)).compile()
         batch = self.score_shapes()
         self._compiled_score = self._jit(self._score).lower(
