@@ -418,8 +418,10 @@ PRINTED_EVAL_METRICS = (("loss", "loss", 4), ("accuracy", "accuracy", 4), ("perp
 
 class TrainingEvaluator:
     """Evaluation during training, one call per step from the loop: teacher-forced every
-    EvalConfig.every steps and at the last step, inference every EvalConfig.infer_every steps (0:
-    never), early stopping on their merged results."""
+    EvalConfig.every steps and at the last step, inference every EvalConfig.infer_every steps and at
+    the last step (infer_every 0: never), early stopping on their merged results. The last step runs
+    both so that a run always ends with every metric it was configured to report (a sweep's --metric
+    reads it there even when the run's length is not a multiple of infer_every)."""
 
     def __init__(
         self, model: Model, config: EvalConfig, *, eval_step, eval_batches: Mapping[str, list], mesh: Mesh, rules,
@@ -473,7 +475,8 @@ class TrainingEvaluator:
         if step % self.config.every == 0 or step == self.last_step:
             teacher_forced = self.evaluate(step, params)
         inferred: Results = {}
-        if self.inference is not None and self.inference.task_names and step % self.config.infer_every == 0:
+        infer_due = self.inference is not None and (step % self.config.infer_every == 0 or step == self.last_step)
+        if infer_due and self.inference.task_names:
             decode_params = jax.block_until_ready(model_params(params))  # queued steps finish first
             t0 = time.perf_counter()
             inferred = self.inference.evaluate(decode_params, step)

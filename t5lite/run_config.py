@@ -200,7 +200,7 @@ class GRPOConfig:
 class EvalConfig:
     """Every `every` steps and at the end: teacher-forced loss / accuracy / perplexity on the first
     `batches` batches of `split` of each task of `mixture_or_task_name` (None: the training data's).
-    Every `infer_every` steps (0: never): the first `infer_examples` examples of each task with seqio
+    Every `infer_every` steps and at the end (0: never): the first `infer_examples` examples of each task with seqio
     metric functions are decoded / scored (t5lite.evaluation). early_stopping_metric ("task/metric",
     e.g. "wikitext2_span_corruption/loss"; the teacher-forced accuracy is "token_accuracy" there)
     stops training, with a checkpoint, after `early_stopping_patience` evaluations without

@@ -17,6 +17,9 @@ What is changed before a command runs, and why:
   machine's 2 CPUs to compile, and what is tested here is the command, its flags and its report.
 - A path `.../checkpoints/<N>` that does not exist (the docs cite step 600 of the default run) is
   replaced by the newest checkpoint of that run directory.
+- A sweep runs 1 trial of a random or Bayesian study (not the docs' 16), and 2 folds of a
+  cross-validation (not 5). A `--gin.BATCH_SIZE` over 16 becomes 16 (T5 1.1 Small's batch of 64 is
+  minutes of this machine's 2 CPUs a step).
 - `launch/` and `bench/` scripts are found in the repo.
 - A command that shards over more devices than a CPU has (`make_mesh.*=4`) runs on 8 simulated
   devices.
@@ -29,6 +32,10 @@ Not run here, and why (each also parsed by tests/test_docs.py):
 - `python bench/...`: benchmarks, minutes of a quiet machine each, whose figures are what
   docs/performance.md records; the commands that set up a virtual environment and install
   (`python3 -m venv`, `pip install`) and the README's test command, which is the command CI runs.
+- RUN_BY_TESTS: commands whose entry point and gin file a dedicated end-to-end test already runs (its
+  name is the reason given), so CI does not pay for the same minutes twice; the flags of these commands
+  are still parsed by tests/test_docs.py, and test_run_by_tests_names_tests_that_run_the_command checks
+  that the named test file runs that entry point with that gin file.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import test_docs  # noqa: E402  (the docs' command reader)
 
 REPO = test_docs.REPO
 SHRINK_TRAIN = ["--gin.TRAIN_STEPS=4", "--gin.LoopConfig.log_every=2", "--gin.EvalConfig.every=4",
-                "--gin.EvalConfig.batches=1", "--gin.CheckpointConfig.every=2"]
+                "--gin.EvalConfig.batches=1", "--gin.EvalConfig.infer_examples=16", "--gin.CheckpointConfig.every=2"]
 SHRINK = {
     "t5lite.train": SHRINK_TRAIN,
     "t5lite.sweep": [f"--gin={b.removeprefix('--gin.')}" for b in SHRINK_TRAIN],
@@ -64,6 +71,21 @@ RAW_TEXT = ("<p>The Tragedy of Hamlet, Prince of Denmark, is a play by William S
             "It is Shakespeare's longest play, written between 1599 and 1601, and among the most "
             "powerful and influential tragedies in the English language.\n") * 20
 COMMAND_TIMEOUT_S = 600
+MAX_BATCH_SIZE = 16
+# (entry point: a module or a launch/ script, the command's gin file or None for any) -> the test file
+# that runs it end to end; see the module docstring.
+RUN_BY_TESTS = {
+    ("launch/local.py", None): "tests/test_multihost.py",
+    ("t5lite.precompile", None): "tests/test_precompile.py",
+    ("t5lite.eval", "gin/runs/benchmarks.gin"): "tests/test_benchmarks.py",
+    ("t5lite.train", "gin/runs/dpo.gin"): "tests/test_preference.py",
+    ("t5lite.train", "gin/runs/grpo.gin"): "tests/test_grpo.py",
+    ("t5lite.train", "gin/runs/chat_sft_decoder_only.gin"): "tests/test_chat.py",
+    # tests/test_sweep.py runs a Bayesian sweep on two workers and resumes it; a grid differs only in how
+    # its trials are drawn (unit-tested there). The cross-validation sweep (one worker) is run here.
+    ("t5lite.sweep", "--workers"): "tests/test_sweep.py",
+    ("t5lite.sweep", "--grid"): "tests/test_sweep.py",
+}
 
 
 def _module(words: list[str]) -> str | None:
@@ -75,8 +97,23 @@ def _inner(words: list[str]) -> list[str]:
     return words[words.index("--") + 1:] if "--" in words else words
 
 
+def _run_by_test(words: list[str]) -> str | None:
+    """The test file of RUN_BY_TESTS that runs this command end to end, or None. The key's second part
+    is None (any), the command's first --gin_file, or a flag the command passes."""
+    entry = "launch/local.py" if "launch/local.py" in words[:2] else _module(words)
+    gin_files = [w.removeprefix("--gin_file=") for w in words if w.startswith("--gin_file=")]
+    flags = {w.split("=")[0] for w in words if w.startswith("--")}
+    for (key_entry, key_arg), test_file in RUN_BY_TESTS.items():
+        if key_entry == entry and (key_arg is None or key_arg in flags or gin_files[:1] == [key_arg]):
+            return test_file
+    return None
+
+
 def _skip_reason(command: test_docs.Command) -> str | None:
     words = command.words
+    run_by = _run_by_test(words)
+    if run_by:
+        return f"run end to end by {run_by}"
     if command.needs & NOT_RUN_NEEDS:
         return f"needs {sorted(command.needs & NOT_RUN_NEEDS)}"
     if "data" in command.needs and not os.environ.get("T5LITE_DATA_DIR"):
@@ -136,14 +173,23 @@ def prepared(words: list[str], cwd: str) -> tuple[list[str], dict[str, str]]:
         inner[0] = sys.executable
     words = words[:len(words) - len(inner)] + inner
     words += SHRINK.get(module, [])
-    if module == "t5lite.sweep":  # a random or Bayesian sweep: 2 trials of the study, not the docs' 16
-        words = [("--trials=2" if w.startswith("--trials=") else w) for w in words]
+    if module == "t5lite.sweep":  # 1 trial of a random or Bayesian study, 2 folds of a cross-validation
+        words = [("--trials=1" if w.startswith("--trials=") else "--cv_folds=2" if w.startswith("--cv_folds=") else w)
+                 for w in words]
+    words = [_at_most(w, "--gin.BATCH_SIZE=", MAX_BATCH_SIZE) for w in words]
     if module == "t5lite.eval" and "--watch" in inner:
         words += SHRINK_WATCH
     env = {}
     if any(re.match(r"--gin\.make_mesh\.\w+=[2-9]", w) for w in inner):
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     return words, env
+
+
+def _at_most(word: str, prefix: str, limit: int) -> str:
+    """`--gin.BATCH_SIZE=64` -> `--gin.BATCH_SIZE=16` (prefix and limit), any other word as it is."""
+    if word.startswith(prefix) and word[len(prefix):].isdigit() and int(word[len(prefix):]) > limit:
+        return f"{prefix}{limit}"
+    return word
 
 
 def _write_fixtures(cwd: str) -> None:
@@ -162,6 +208,26 @@ def test_training_commands_are_shrunk_and_run_with_this_interpreter(tmp_path):
     assert words[:2] == [sys.executable, os.path.join(REPO, "launch/local.py")]
     assert words[4:7] == [sys.executable, "-m", "t5lite.eval"] and words[-2:] == SHRINK_WATCH
     assert env == {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def test_run_by_tests_names_tests_that_run_the_command():
+    """Each RUN_BY_TESTS entry matches a docs command, and its test file runs that entry point (and gin
+    file) end to end: the skip cannot outlive the test it relies on."""
+    _, skipped = runnable_commands()
+    reasons = {why for _, why in skipped}
+    for (entry, arg), test_file in RUN_BY_TESTS.items():
+        assert f"run end to end by {test_file}" in reasons, (entry, arg)
+        with open(os.path.join(REPO, test_file), encoding="utf-8") as f:
+            source = f.read()
+        assert (entry.removesuffix(".py").split("/")[-1] if "/" in entry else entry) in source, (entry, test_file)
+        assert arg is None or arg.startswith("--") or arg in source, (arg, test_file)
+        assert "pytest.mark.slow" in source, test_file
+
+
+def test_sweeps_and_large_batches_are_shrunk(tmp_path):
+    words, _ = prepared(["python", "-m", "t5lite.sweep", "--trials=16", "--cv_folds=5", "--gin.BATCH_SIZE=64",
+                         "--gin.BATCH_SIZE_X=64"], str(tmp_path))
+    assert words[3:6] == ["--trials=1", "--cv_folds=2", "--gin.BATCH_SIZE=16"] and "--gin.BATCH_SIZE_X=64" in words
 
 
 def test_runnable_commands_cover_every_entry_point_the_docs_show():

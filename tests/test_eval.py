@@ -17,10 +17,11 @@ from t5lite import train as train_lib
 from t5lite.data import metrics
 from t5lite.data.vocab import get_default_vocabulary
 from t5lite.errors import UserError
-from t5lite.evaluation import EarlyStopping
+from t5lite.evaluation import EarlyStopping, TrainingEvaluator
 from t5lite.model.config import TransformerConfig
 from t5lite.model.models import Model
 from t5lite.optim import make_optimizer
+from t5lite.run_config import EvalConfig
 
 LENGTHS = {"inputs": 32, "targets": 16}
 WORDS = ["apple", "river", "stone", "cloud", "green", "north", "light", "table", "music", "paper"]
@@ -215,3 +216,25 @@ def test_training_runs_inference_eval_every_n_steps_and_stops_early(tmp_path, ca
     inferred = [r for r in records if r["group"] == "infer_eval/t5lite_test_copy"]
     assert [r["step"] for r in inferred] == [5, 10]
     assert checkpoints.checkpoint_steps(os.path.join(model_dir, "checkpoints")) == [10]
+
+
+def test_inference_eval_runs_every_n_steps_and_at_the_last_step():
+    """A run of 7 steps with infer_every=5 decodes at 5 and 7: it ends with its configured metrics (a
+    sweep's --metric=task/accuracy reads them there), and teacher-forced eval keeps its own schedule."""
+    class Decoder:  # the InferenceEvaluator's interface: its task names and evaluate(params, step)
+        task_names = ["copy"]
+        steps = []
+
+        def evaluate(self, params, step):
+            self.steps.append(step)
+            return {"copy": {"accuracy": 50.0}}
+
+    evaluator = object.__new__(TrainingEvaluator)  # no model: what is tested is when each eval is due
+    evaluator.config, evaluator.last_step = EvalConfig(every=3, infer_every=5), 7
+    evaluator.inference, evaluator.early_stopping = Decoder(), None
+    evaluator.write_metrics, evaluator.verbose = (lambda group, step, metrics: None), False
+    teacher_forced_steps = []
+    evaluator.evaluate = lambda step, params: teacher_forced_steps.append(step) or {"copy": {"loss": 1.0}}
+    for step in range(1, 8):
+        evaluator.after_step(step, params={}, model_params=lambda p: p)
+    assert Decoder.steps == [5, 7] and teacher_forced_steps == [3, 6, 7]

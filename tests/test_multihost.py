@@ -28,7 +28,7 @@ TWO_HOST_RUN = [
 TINY = ["--gin_file=gin/models/t5_1_1_tiny.gin", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}"]
 
 
-def _launch(args, *, num_processes=2, devices_per_process=2, timeout=240) -> subprocess.CompletedProcess:
+def _launch(args, *, num_processes=2, devices_per_process=2, timeout=360) -> subprocess.CompletedProcess:
     """Runs the launcher; one retry if the processes hang while joining, before any t5lite output.
 
     jax.distributed's start-up over gloo occasionally stalls here (process 1 waits forever for

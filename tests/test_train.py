@@ -52,18 +52,21 @@ def _jsonl(model_dir):
 
 
 @pytest.mark.slow
-def test_shakespeare_char_run_beats_nanogpts_baby_gpt_validation_loss(tmp_path, capsys):
-    """gin/runs/shakespeare_char.gin as shipped (2000 steps, ~2.5 min on 2 CPU cores): nanoGPT
-    publishes "about 1.88" for its baby GPT of this shape and recipe; t5lite must stay below it."""
+def test_shakespeare_char_run_learns_at_its_recorded_pace(tmp_path, capsys):
+    """gin/runs/shakespeare_char.gin as shipped, its first 500 of 2000 steps (the whole run, 3+ minutes of
+    a quiet 2-core machine and more under CI's load, is bench/shakespeare_char_vs_nanogpt.py's: 1.74 at
+    step 2000 against nanoGPT's "about 1.88", docs/configuration-and-training.md). The recorded run is at
+    2.41 after 250 steps and 2.17 after 500 (seed 0): a regression in the model, optimizer or data
+    shows here first. The schedule is the 2000-step one (the run stops early, the decay is unchanged)."""
     model_dir = str(tmp_path / "char")
     code, out = _run_main(["--gin_file=gin/runs/shakespeare_char.gin", f"--gin.MODEL_DIR='{model_dir}'",
-                           "--gin.CheckpointConfig.every=2000"], capsys)
+                           "--gin.LoopConfig.num_train_steps=500", "--gin.CheckpointConfig.every=2000"], capsys)
     assert code == 0, out.err
     evals = [r for r in _jsonl(model_dir) if r["group"] == "eval/tiny_shakespeare_bytes_lm"]
-    assert [r["step"] for r in evals] == list(range(250, 2001, 250))
+    assert [r["step"] for r in evals] == [250, 500]
     assert evals[-1]["loss"] == evals[-1]["cross_entropy"]  # no z-loss: the loss nanoGPT reports
     print("validation loss by step:", {r["step"]: round(r["loss"], 4) for r in evals})
-    assert evals[-1]["loss"] < 1.88
+    assert evals[0]["loss"] < 2.55 and evals[1]["loss"] < 2.30
     assert "decoder_only, 1,148,160 parameters" in out.out and "batch 12, lengths {'targets': 64}" in out.out
 
 
