@@ -66,16 +66,18 @@ def pair_losses(config: PreferenceConfig, logps: Array, reference_logps: Array |
 
 
 def paired_rows(batch: Mapping[str, Array]) -> dict[str, Array]:
-    """A pair batch [pairs, ...] -> model features [2 * pairs, ...]: row 2i is pair i's chosen answer,
-    row 2i+1 its rejected one, each with the pair's prompt features. Interleaving keeps both rows of a
-    pair on the device that holds the pair: no data moves between devices."""
+    """A pair batch [pairs, ...] -> model features: the answers' [2 * pairs, ...], row 2i pair i's chosen
+    answer, row 2i+1 its rejected one; the prompt's (an encoder-decoder's encoder features) stay
+    [pairs, ...]: the encoder reads each prompt once and the decoder's rows 2i and 2i+1 both read its
+    output (network.EncoderDecoder). Interleaving keeps both rows of a pair on the device that holds the
+    pair: no data moves between devices."""
     rows = {}
     for name in [k[len("chosen_"):] for k in batch if k.startswith("chosen_")]:
         both = jnp.stack([batch[f"{side}_{name}"] for side in SIDES], axis=1)
         rows[name] = both.reshape((-1,) + both.shape[2:])
     for name, value in batch.items():
         if not name.startswith(tuple(f"{side}_" for side in SIDES)):
-            rows[name] = jnp.repeat(value, 2, axis=0)
+            rows[name] = value
     return rows
 
 

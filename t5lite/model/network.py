@@ -265,8 +265,18 @@ class EncoderDecoder(nn.Module):
         decoder_segment_ids: Array,
         deterministic: bool = True,
     ) -> Array:
-        """-> logits [batch, target_length, vocab] (float32)."""
+        """-> logits [batch, target_length, vocab] (float32).
+
+        A decoder batch k times the encoder's (k answers per prompt, as preference pairs give) reads
+        encoder row i in decoder rows k*i .. k*i+k-1: each prompt is encoded once, not k times."""
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids, deterministic)
+        answers_per_prompt, rest = divmod(decoder_input_tokens.shape[0], encoder_input_tokens.shape[0])
+        if rest:
+            raise ValueError(f"The decoder batch ({decoder_input_tokens.shape[0]} rows) must be a multiple of the "
+                             f"encoder batch ({encoder_input_tokens.shape[0]} rows).")
+        if answers_per_prompt > 1:
+            encoded = jnp.repeat(encoded, answers_per_prompt, axis=0)
+            encoder_segment_ids = jnp.repeat(encoder_segment_ids, answers_per_prompt, axis=0)
         return self.decoder(
             decoder_input_tokens, decoder_segment_ids, deterministic,
             encoded=encoded, encoder_segment_ids=encoder_segment_ids,
