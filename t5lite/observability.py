@@ -29,11 +29,13 @@ from t5lite.model.config import TransformerConfig
 # Dense bfloat16 FLOP/s per chip (per GPU), from the vendors' datasheets (precompile.py uses them too).
 PEAK_BF16_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12,
                    "H100": 989e12,  # SXM, dense (no sparsity)
+                   "H200": 989e12,  # the H100's compute with more, faster HBM
                    "A100": 312e12}
 # jax's device_kind -> a key of PEAK_BF16_FLOPS, matched as substrings, most specific first
 # ("TPU v5 lite" is a v5e, "TPU v5" alone a v5p).
 DEVICE_KINDS = (("TPU v6 lite", "v6e"), ("TPU v6e", "v6e"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"),
-                ("TPU v5p", "v5p"), ("TPU v5", "v5p"), ("TPU v4", "v4"), ("H100", "H100"), ("A100", "A100"))
+                ("TPU v5p", "v5p"), ("TPU v5", "v5p"), ("TPU v4", "v4"), ("H100", "H100"), ("H200", "H200"),
+                ("A100", "A100"))
 
 
 @functools.cache

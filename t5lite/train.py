@@ -48,8 +48,9 @@ from t5lite import (
     run_dir,
     trainer,
 )
-from t5lite.data import pipeline, vocab_record  # pipeline registers the tasks and their gin configurables
+from t5lite.data import pipeline, vocab, vocab_record  # pipeline registers the tasks and their gin configurables
 from t5lite.errors import UserError, reports_user_errors
+from t5lite.model import word_vectors
 from t5lite.model.config import TransformerConfig
 from t5lite.run_config import TrainConfig
 from t5lite.summaries import MetricsWriter, format_duration, progress_line
@@ -158,9 +159,10 @@ def count_real_tokens(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
 
 
 def restore_or_init(run: TrainConfig, program: trainer.TrainProgram, ckpt: checkpoints.Checkpointer,
-                    train_batches) -> trainer.TrainState:
+                    train_batches, vocabulary: seqio.Vocabulary) -> trainer.TrainState:
     """The latest checkpoint in MODEL_DIR with the data position it saved (an exact resume), else a
-    fresh state whose params come from CheckpointConfig.initial_checkpoint_path if set."""
+    fresh state whose params come from CheckpointConfig.initial_checkpoint_path if set (else from the
+    init scheme, and the word vectors of TransformerConfig.embedding_init_file if set)."""
     init = program.init
     resumed = ckpt.restore_latest(init.abstract_state, train_batches)
     if resumed is not None:
@@ -169,9 +171,15 @@ def restore_or_init(run: TrainConfig, program: trainer.TrainProgram, ckpt: check
         return state
     params = init.init_params(jax.random.PRNGKey(run.seed))
     initial = run.checkpoints.initial_checkpoint_path
+    vectors_file = program.model.config.embedding_init_file
     if initial:
         params = checkpoints.load_initial_params(initial, params, rename=run.checkpoints.initial_checkpoint_rename)
         print(f"Initialised the params from {initial} (step {program.initial_step})", flush=True)
+        if vectors_file:
+            print(f"WARNING: TransformerConfig.embedding_init_file={vectors_file!r} is not used: the params come "
+                  "from the initial checkpoint.", file=sys.stderr, flush=True)
+    elif vectors_file:
+        params = word_vectors.with_word_vectors(params, program.model.config, vocab.pieces(vocabulary))
     state = init.state_from_params(params, jax.random.PRNGKey(run.seed))
     return state.replace(step=jax.device_put(jnp.int32(program.initial_step), init.state_shardings.step))
 
@@ -406,7 +414,7 @@ def train(run: TrainConfig) -> TrainResult:
                                     keep=run.checkpoints.keep, best_metric=run.checkpoints.best_metric,
                                     best_mode=run.checkpoints.best_mode, checksums=run.checkpoints.checksums,
                                     bytes_per_save=_bytes(program.init.abstract_state))
-    state = restore_or_init(run, program, ckpt, train_batches)
+    state = restore_or_init(run, program, ckpt, train_batches, train_features["targets"].vocabulary)
 
     # --- Evaluation and outputs ---------------------------------------------------------------------
     # A resumed run re-runs the steps after its checkpoint: their rows of the attempt that crashed move

@@ -99,6 +99,17 @@ def get_default_vocabulary() -> seqio.SentencePieceVocabulary:
     return seqio.SentencePieceVocabulary(DEFAULT_VOCAB_PATH, extra_ids=DEFAULT_EXTRA_IDS)
 
 
+def pieces(vocabulary: seqio.Vocabulary) -> list[str]:
+    """The piece of each id 0 .. vocab_size - 1 ("▁the", "ing", ...); "" for the special pieces (padding,
+    EOS, unknown, byte fallbacks), which stand for no word (t5lite.model.word_vectors)."""
+    if not isinstance(vocabulary, seqio.SentencePieceVocabulary):
+        raise UserError(f"Word vectors are mapped through a SentencePiece vocabulary's pieces; the training data "
+                        f"uses a {type(vocabulary).__name__}. Unset TransformerConfig.embedding_init_file.")
+    sp = vocabulary.tokenizer
+    special = (sp.is_control, sp.is_unknown, sp.is_byte, sp.is_unused)
+    return ["" if any(is_(i) for is_ in special) else sp.id_to_piece(i) for i in range(vocabulary.vocab_size)]
+
+
 def tokens_per_character(vocabulary: seqio.Vocabulary, texts: Sequence[str]) -> float:
     """Tokens the vocabulary spends per character of `texts` (lower is a tighter vocabulary)."""
     characters = sum(len(t) for t in texts)

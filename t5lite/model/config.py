@@ -12,11 +12,13 @@ import jax
 import jax.numpy as jnp
 
 from t5lite.errors import UserError
+from t5lite.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 
 ARCHITECTURES = ("encoder_decoder", "decoder_only")
 REMAT_POLICIES = ("none", "minimal", "full")
 POSITION_ENCODINGS = ("relative_bias", "rope")
 MLP_ACTIVATIONS = ("gelu", "silu")
+INIT_SCHEMES = ("t5", "scaled", "t_fixup")  # formulas: t5lite/model/init_schemes.py
 
 
 @gin.configurable
@@ -43,6 +45,17 @@ class TransformerConfig:
       num_kv_heads heads.
     mlp_activation: "gelu" (T5 v1.1's gated GELU) or "silu" (SwiGLU, Llama's).
     layer_norm_epsilon: added to the mean square in RMSNorm (T5 1e-6, Llama 1e-5).
+
+    Initialisation (t5lite/model/init_schemes.py; docs/configuration-and-training.md, "Initialisation"):
+    init_scheme: "t5" (T5 v1.1's, the default), "scaled" (residual-branch outputs / sqrt(2 * layers)) or
+      "t_fixup" (T-Fixup, Huang et al. 2020).
+    embedding_init_file: a word2vec / GloVe text file; `python -m t5lite.train` copies the vectors of the
+      vocabulary's pieces into the token embedding of a fresh run (not a resumed or fine-tuned one),
+      rescaled to the scheme's embedding std unless embedding_init_keep_scale.
+
+    attention_impl: the attention kernel of training and teacher-forced passes (t5lite/model/attention.py):
+      "xla" (t5lite's einsums, the reference), "dot_product_attention" (jax.nn.dot_product_attention, kernel
+      chosen by jax) or "cudnn" (cuDNN flash attention; NVIDIA GPU, bfloat16). Decoding steps use "xla".
     """
 
     architecture: str = "encoder_decoder"
@@ -65,6 +78,10 @@ class TransformerConfig:
     num_kv_heads: int | None = None
     mlp_activation: str = "gelu"
     layer_norm_epsilon: float = 1e-6
+    init_scheme: str = "t5"
+    embedding_init_file: str | None = None
+    embedding_init_keep_scale: bool = False
+    attention_impl: str = "xla"
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -82,6 +99,9 @@ class TransformerConfig:
                 raise UserError(f"TransformerConfig.dtype={self.dtype!r} is not a dtype; use 'auto', "
                                 "'float32' or 'bfloat16'.") from e
         self._check_llama_options()
+        if self.init_scheme not in INIT_SCHEMES:
+            raise UserError(f"TransformerConfig.init_scheme={self.init_scheme!r}; choose one of {INIT_SCHEMES}.")
+        self._check_attention_impl()
 
     def _check_llama_options(self) -> None:
         for name, choices in (("position_encoding", POSITION_ENCODINGS), ("mlp_activation", MLP_ACTIVATIONS)):
@@ -100,6 +120,19 @@ class TransformerConfig:
                             f"{self.head_dim}, rope_base={self.rope_base}.")
         if self.layer_norm_epsilon <= 0:
             raise UserError(f"TransformerConfig.layer_norm_epsilon={self.layer_norm_epsilon} must be positive.")
+
+    def _check_attention_impl(self) -> None:
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise UserError(f"TransformerConfig.attention_impl={self.attention_impl!r}; "
+                            f"choose one of {ATTENTION_IMPLS}.")
+        if self.attention_impl != "cudnn":
+            return
+        if self.dtype not in ("auto", "bfloat16", "float16"):  # "auto" is bfloat16 on a GPU
+            raise UserError(f"attention_impl='cudnn' computes in bfloat16 or float16, not dtype={self.dtype!r}; "
+                            "set TransformerConfig.dtype='bfloat16' or use attention_impl='dot_product_attention'.")
+        if self.head_dim % 8 or self.head_dim > 256:
+            raise UserError(f"attention_impl='cudnn' needs head_dim a multiple of 8 and at most 256 (128 before "
+                            f"Hopper); got {self.head_dim}. Use attention_impl='dot_product_attention'.")
 
     @property
     def compute_dtype(self) -> jnp.dtype:

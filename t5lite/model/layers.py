@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5lite.model import attention, init_schemes
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -103,7 +105,9 @@ class MultiHeadAttention(nn.Module):
     Keys and values, and their cache, have num_kv_heads heads: they are never repeated per query head.
 
     `bias` [batch|1, heads|1, q_len, k_len] (float32) carries both the relative position bias and
-    the mask (MASK_VALUE where not allowed); it is built once per stack by the caller.
+    the mask (MASK_VALUE where not allowed); it is built once per stack by the caller. With
+    TransformerConfig.attention_impl other than "xla", training and teacher-forced passes get an
+    attention.AttentionBias instead (the parts apart) and run that kernel; decoding never does.
 
     With `decode=True` keys and values live in the flax "cache" collection, [batch, kv_heads, k_len,
     kv] each: heads before length, so that the per-step attention matmuls read the cache as it is
@@ -128,6 +132,7 @@ class MultiHeadAttention(nn.Module):
     decode: bool = False
     num_kv_heads: int | None = None  # None: num_heads
     scale_logits: bool = False
+    inits: init_schemes.ParamInits | None = None  # None: T5's (init_schemes.t5)
 
     @nn.compact
     def __call__(
@@ -137,18 +142,14 @@ class MultiHeadAttention(nn.Module):
         emb = inputs_q.shape[-1]
         h, d = self.num_heads, self.head_dim
         kv_h = self.num_kv_heads or h
-        fan_in_emb = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2))
-        # Scaling the query init by 1/sqrt(head_dim) replaces the usual logit scaling (T5 / Mesh TF).
-        query_init = fan_in_emb if self.scale_logits else lambda *a: fan_in_emb(*a) / np.sqrt(d)
-        wq = logical_param(self, "query", query_init, (emb, h, d), ("embed", "heads", "kv"))
-        wk = logical_param(self, "key", fan_in_emb, (emb, kv_h, d), ("embed", "heads", "kv"))
-        wv = logical_param(self, "value", fan_in_emb, (emb, kv_h, d), ("embed", "heads", "kv"))
-        out_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
-        wo = logical_param(self, "out", out_init, (h, d, emb), ("heads", "kv", "embed"))
+        inits = self.inits or init_schemes.t5(d, self.scale_logits)
+        wq = logical_param(self, "query", inits.query, (emb, h, d), ("embed", "heads", "kv"))
+        wk = logical_param(self, "key", inits.key, (emb, kv_h, d), ("embed", "heads", "kv"))
+        wv = logical_param(self, "value", inits.value, (emb, kv_h, d), ("embed", "heads", "kv"))
+        wo = logical_param(self, "out", inits.out, (h, d, emb), ("heads", "kv", "embed"))
 
         dt = self.dtype
         # Keys and values [batch, k_len, heads, kv] in training; [batch, heads, k_len, kv] when decoding.
-        kv_layout = "bhkd" if self.decode else "bkhd"
         kv_axes = ("batch", "heads", "length", "kv") if self.decode else ("batch", "length", "heads", "kv")
 
         def project_kv(x: Array, *kv: Array) -> tuple[Array, Array]:
@@ -181,23 +182,37 @@ class MultiHeadAttention(nn.Module):
             k, v = self._cached_encoder_kv(inputs_kv, project_kv)
 
         b, q_len = q.shape[:2]
+        dropout = not deterministic and self.dropout_rate > 0.0
+        if isinstance(bias, attention.AttentionBias) and not dropout:  # a kernel (attention_impl; never decoding)
+            context = attention.dot_product_attention(q, k, v, bias)
+        else:  # the kernels have no attention dropout: the einsums take their pattern as one additive bias
+            if isinstance(bias, attention.AttentionBias):
+                bias = bias.additive(q_len, k.shape[1], MASK_VALUE)
+            context = self._einsum_attention(q, k, v, bias, dropout)
+        # One contraction over heads*kv in memory order: jnp.einsum("bqhd,hde->bqe") contracts
+        # (kv, heads), and XLA:CPU then transposes both the context and `out` at every call.
+        out = jnp.einsum("bqf,fe->bqe", context.reshape(b, q_len, h * d), wo.astype(dt).reshape(h * d, emb))
+        return constrain(out, ("batch", "length", "embed"))
+
+    def _einsum_attention(self, q: Array, k: Array, v: Array, bias: Array, dropout: bool) -> Array:
+        """The "xla" attention (and every decoding step's): q [batch, q_len, heads, kv], k and v [batch, k_len,
+        kv_heads, kv] ([batch, kv_heads, k_len, kv] when decoding), bias [batch|1, heads|1, q_len, k_len]
+        -> context [batch, q_len, heads, kv] ([batch, q_len, kv_heads, group, kv] when grouped)."""
+        b, q_len, h, d = q.shape
+        kv_layout = "bhkd" if self.decode else "bkhd"
+        kv_h = k.shape[1 if self.decode else 2]
         if kv_h == h:
             logits = jnp.einsum(f"bqhd,{kv_layout}->bhqk", q, k)
         else:  # query heads [kv_heads, group]: head i reads key/value head i // group
             q = q.reshape(b, q_len, kv_h, h // kv_h, d)
             logits = jnp.einsum(f"bqhgd,{kv_layout}->bhgqk", q, k).reshape(b, h, q_len, -1)
         logits = logits.astype(jnp.float32) + bias
-        weights = jax.nn.softmax(logits, axis=-1).astype(dt)
-        if not deterministic and self.dropout_rate > 0.0:
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        if dropout:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
         if kv_h == h:
-            context = jnp.einsum(f"bhqk,{kv_layout}->bqhd", weights, v)
-        else:
-            context = jnp.einsum(f"bhgqk,{kv_layout}->bqhgd", weights.reshape(b, kv_h, h // kv_h, q_len, -1), v)
-        # One contraction over heads*kv in memory order: jnp.einsum("bqhd,hde->bqe") contracts
-        # (kv, heads), and XLA:CPU then transposes both the context and `out` at every call.
-        out = jnp.einsum("bqf,fe->bqe", context.reshape(b, q_len, h * d), wo.astype(dt).reshape(h * d, emb))
-        return constrain(out, ("batch", "length", "embed"))
+            return jnp.einsum(f"bhqk,{kv_layout}->bqhd", weights, v)
+        return jnp.einsum(f"bhgqk,{kv_layout}->bqhgd", weights.reshape(b, kv_h, h // kv_h, q_len, -1), v)
 
     def _append_to_cache(self, k: Array, v: Array, cache_index: Array) -> tuple[Array, Array]:
         """Writes k, v [batch, kv_heads, q_len, kv] at cache_index (a scalar, or [batch]: each row at its
@@ -272,14 +287,15 @@ class GatedMlp(nn.Module):
     dropout_rate: float = 0.0
     fused_wi: bool = False  # wi_0 and wi_1 as one matmul (decoding; see `project`)
     activation: str = "gelu"
+    inits: init_schemes.ParamInits | None = None  # wi, wo; None: T5's (init_schemes.t5)
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         emb = x.shape[-1]
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        wi_0 = logical_param(self, "wi_0", init, (emb, self.mlp_dim), ("embed", "mlp"))
-        wi_1 = logical_param(self, "wi_1", init, (emb, self.mlp_dim), ("embed", "mlp"))
-        wo = logical_param(self, "wo", init, (self.mlp_dim, emb), ("mlp", "embed"))
+        inits = self.inits or init_schemes.t5(head_dim=1, scale_logits=False)  # (wi, wo: no head_dim)
+        wi_0 = logical_param(self, "wi_0", inits.wi, (emb, self.mlp_dim), ("embed", "mlp"))
+        wi_1 = logical_param(self, "wi_1", inits.wi, (emb, self.mlp_dim), ("embed", "mlp"))
+        wo = logical_param(self, "wo", inits.wo, (self.mlp_dim, emb), ("mlp", "embed"))
         dt = self.dtype
         gated = gated_gelu if self.activation == "gelu" else gated_silu
         hidden = gated(*project(x, (wi_0, wi_1), dtype=dt, fused=self.fused_wi))
@@ -394,7 +410,15 @@ class RelativePositionBias(nn.Module):
 def attention_mask_bias(
     q_segment_ids: Array, k_segment_ids: Array, *, causal: bool = False, prefix: Array | None = None
 ) -> Array:
-    """Additive mask [batch, 1, q, k]: 0 where allowed, MASK_VALUE elsewhere (float32).
+    """Additive mask [batch, 1, q, k]: 0 where allowed, MASK_VALUE elsewhere (float32); see attention_mask."""
+    allowed = attention_mask(q_segment_ids, k_segment_ids, causal=causal, prefix=prefix)
+    return jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
+
+
+def attention_mask(
+    q_segment_ids: Array, k_segment_ids: Array, *, causal: bool = False, prefix: Array | None = None
+) -> Array:
+    """[batch, 1, q, k] bool, True where a query may attend to a key.
 
     Segment id 0 marks padding. Queries attend only to keys of their own (non-padding) segment,
     so packed examples never see each other. `causal` hides later keys; `prefix` [batch, q]
@@ -408,7 +432,7 @@ def attention_mask_bias(
             prefix = prefix.astype(bool)
             visible = visible | (prefix[:, :, None] & prefix[:, None, :])
         allowed = allowed & visible
-    return jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]
+    return allowed[:, None]
 
 
 def decode_mask_bias(q_len: int, cache_length: int, cache_index: Array, prefix_lengths: Array | None = None) -> Array:

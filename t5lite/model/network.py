@@ -2,8 +2,9 @@
 
 Per stack, one relative-position bias table and one combined [batch, heads, q, k] bias (position
 bias + segment/causal mask) are built once and broadcast to every layer. The Llama family
-(`position_encoding="rope"`, decoder-only) builds the mask and the rotary angles once instead. Layers are stacked with
-nn.scan (parameters get a leading "layers" axis) unless `scan_layers=False`.
+(`position_encoding="rope"`, decoder-only) builds the mask and the rotary angles once instead. With an
+`attention_impl` kernel (model/attention.py) bias and mask stay apart (an AttentionBias). Layers are
+stacked with nn.scan (parameters get a leading "layers" axis) unless `scan_layers=False`.
 
 Params may hold quantized or LoRA-updated kernels (model/weights.py): a scanned stack makes its
 layer's float kernels inside the scan body, one layer at a time.
@@ -20,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5lite.model import weights
+from t5lite.model import init_schemes, weights
+from t5lite.model.attention import AttentionBias
 from t5lite.model.config import TransformerConfig
 from t5lite.model.layers import (
     Embed,
@@ -28,6 +30,7 @@ from t5lite.model.layers import (
     MultiHeadAttention,
     RelativePositionBias,
     RMSNorm,
+    attention_mask,
     attention_mask_bias,
     constrain,
     decode_mask_bias,
@@ -54,6 +57,23 @@ def _dropout(cfg: TransformerConfig, x: Array, deterministic: bool) -> Array:
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
 
+def _attention_bias(
+    cfg: TransformerConfig, relpos: Array | None, q_segment_ids: Array, k_segment_ids: Array, *,
+    causal: bool = False, prefix: Array | None = None,
+) -> Array | AttentionBias:
+    """A stack's attention pattern, built once for all its layers (not when decoding).
+
+    "xla": one additive float32 bias [batch, heads|1, q, k], relpos [1, heads, q, k] (or None) plus the
+    segment mask (attention_mask_bias). A kernel (attention_impl): an AttentionBias with the parts apart.
+    """
+    if cfg.attention_impl == "xla":
+        mask_bias = attention_mask_bias(q_segment_ids, k_segment_ids, causal=causal, prefix=prefix)
+        return mask_bias if relpos is None else relpos + mask_bias
+    is_causal = causal and prefix is None  # a prefix-LM prefix attends both ways: then the mask says it all
+    mask = attention_mask(q_segment_ids, k_segment_ids, causal=causal and not is_causal, prefix=prefix)
+    return AttentionBias(relpos, mask, is_causal, cfg.attention_impl)
+
+
 class EncoderLayer(nn.Module):
     config: TransformerConfig
     deterministic: bool
@@ -61,13 +81,14 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, bias: Array) -> tuple[Array, None]:
         cfg, dt = self.config, self.config.compute_dtype
+        inits = init_schemes.stack_inits(cfg, "encoder")
         h = _norm(cfg, "pre_attention_layer_norm")(x)
-        h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, name="attention")(
+        h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, inits=inits, name="attention")(
             h, h, bias, self.deterministic
         )
         x = x + _dropout(cfg, h, self.deterministic)
         h = _norm(cfg, "pre_mlp_layer_norm")(x)
-        h = GatedMlp(cfg.mlp_dim, dt, cfg.dropout_rate, activation=cfg.mlp_activation, name="mlp")(
+        h = GatedMlp(cfg.mlp_dim, dt, cfg.dropout_rate, activation=cfg.mlp_activation, inits=inits, name="mlp")(
             h, self.deterministic)
         x = x + _dropout(cfg, h, self.deterministic)
         return constrain(x, ("batch", "length", "embed")), None
@@ -91,21 +112,23 @@ class DecoderLayer(nn.Module):
         cache_index: Array | None = None, rotary: tuple[Array, Array] | None = None,
     ) -> tuple[Array, None]:
         cfg, dt = self.config, self.config.compute_dtype
+        inits = init_schemes.stack_inits(cfg, "decoder")
         h = _norm(cfg, "pre_self_attention_layer_norm")(x)
         h = MultiHeadAttention(
             cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, self.decode, num_kv_heads=cfg.kv_heads,
-            scale_logits=cfg.llama_conventions, name="self_attention",
+            scale_logits=cfg.llama_conventions, inits=inits, name="self_attention",
         )(h, h, self_bias, self.deterministic, cache_index, rotary)
         x = x + _dropout(cfg, h, self.deterministic)
         if cfg.is_encoder_decoder:
             h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
             h = MultiHeadAttention(
-                cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, self.decode, name="encoder_decoder_attention"
+                cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, self.decode, inits=inits,
+                name="encoder_decoder_attention",
             )(h, encoded, cross_bias, self.deterministic)
             x = x + _dropout(cfg, h, self.deterministic)
         h = _norm(cfg, "pre_mlp_layer_norm")(x)
         h = GatedMlp(cfg.mlp_dim, dt, cfg.dropout_rate, fused_wi=self.decode, activation=cfg.mlp_activation,
-                     name="mlp")(h, self.deterministic)
+                     inits=inits, name="mlp")(h, self.deterministic)
         x = x + _dropout(cfg, h, self.deterministic)
         return constrain(x, ("batch", "length", "embed")), None
 
@@ -160,7 +183,7 @@ class Encoder(nn.Module):
             cfg.num_heads, bidirectional=True, num_buckets=cfg.relpos_num_buckets,
             max_distance=cfg.relpos_max_distance, name="relpos_bias",
         )(length, length)
-        bias = relpos + attention_mask_bias(segment_ids, segment_ids)  # [batch, heads, q, k]
+        bias = _attention_bias(cfg, relpos, segment_ids, segment_ids)  # [batch, heads, q, k]
         x = run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, deterministic, x, bias,
                        stored_weights=weights.has_stored(self.variables))
         x = _norm(cfg, "encoder_norm")(x)
@@ -200,12 +223,7 @@ class Decoder(nn.Module):
         length = tokens.shape[1]
         rope = cfg.position_encoding == "rope"
         decode = decode_index is not None
-        if decode:
-            self_bias = decode_mask_bias(length, decode_length, decode_index, decode_prefix_lengths)
-            segment_ids = jnp.ones(tokens.shape, jnp.int32)  # cross-attention queries: all real
-        else:
-            self_bias = attention_mask_bias(segment_ids, segment_ids, causal=True, prefix=causal_attention)
-        rotary = None
+        rotary, relpos = None, None
         if rope:  # absolute positions when decoding (the cache's), else positions inside each packed segment
             positions = (jnp.reshape(decode_index, (-1, 1)) + jnp.arange(length)[None] if decode  # [batch|1, length]
                          else segment_positions(segment_ids))
@@ -216,10 +234,17 @@ class Decoder(nn.Module):
                 max_distance=cfg.relpos_max_distance, name="relpos_bias",
             )
             relpos = relpos_bias(length, decode_length, decode_index) if decode else relpos_bias(length, length)
-            self_bias = relpos + self_bias
+        if decode:  # decoding steps always take the einsum path (see t5lite/model/attention.py)
+            self_bias = decode_mask_bias(length, decode_length, decode_index, decode_prefix_lengths)
+            self_bias = self_bias if relpos is None else relpos + self_bias
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)  # cross-attention queries: all real
+        else:
+            self_bias = _attention_bias(cfg, relpos, segment_ids, segment_ids, causal=True, prefix=causal_attention)
         cross_bias = None
-        if cfg.is_encoder_decoder:
+        if cfg.is_encoder_decoder and decode:
             cross_bias = attention_mask_bias(segment_ids, encoder_segment_ids)  # [batch, 1, q, k]
+        elif cfg.is_encoder_decoder:
+            cross_bias = _attention_bias(cfg, None, segment_ids, encoder_segment_ids)
         x = run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, x, self_bias, encoded, cross_bias,
                        decode_index, rotary, decode=decode, stored_weights=weights.has_stored(self.variables))
         x = _norm(cfg, "decoder_norm")(x)
@@ -236,7 +261,7 @@ class Decoder(nn.Module):
         else:
             kernel = logical_param(
                 self, "logits_dense",
-                nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                init_schemes.logits_init(cfg),
                 (cfg.emb_dim, cfg.vocab_size), ("embed", "vocab"),
             )
             logits = jnp.einsum("ble,ev->blv", x, kernel.astype(cfg.compute_dtype))
@@ -250,7 +275,8 @@ class EncoderDecoder(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.compute_dtype)
+        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.compute_dtype,
+                                    init_stddev=init_schemes.embedding_stddev(cfg))
         self.encoder = Encoder(cfg, self.token_embedder)
         self.decoder = Decoder(cfg, self.token_embedder)
 
@@ -304,7 +330,7 @@ class DecoderOnly(nn.Module):
     def setup(self):
         cfg = self.config
         self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.compute_dtype,
-                                    init_stddev=cfg.emb_dim ** -0.5 if cfg.llama_conventions else 1.0)
+                                    init_stddev=init_schemes.embedding_stddev(cfg))
         self.decoder = Decoder(cfg, self.token_embedder)
 
     def __call__(
