@@ -159,7 +159,7 @@ def count_real_tokens(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
 
 
 def restore_or_init(run: TrainConfig, program: trainer.TrainProgram, ckpt: checkpoints.Checkpointer,
-                    train_batches, vocabulary: seqio.Vocabulary) -> trainer.TrainState:
+                    train_batches, train_features: Mapping[str, seqio.Feature]) -> trainer.TrainState:
     """The latest checkpoint in MODEL_DIR with the data position it saved (an exact resume), else a
     fresh state whose params come from CheckpointConfig.initial_checkpoint_path if set (else from the
     init scheme, and the word vectors of TransformerConfig.embedding_init_file if set)."""
@@ -179,6 +179,9 @@ def restore_or_init(run: TrainConfig, program: trainer.TrainProgram, ckpt: check
             print(f"WARNING: TransformerConfig.embedding_init_file={vectors_file!r} is not used: the params come "
                   "from the initial checkpoint.", file=sys.stderr, flush=True)
     elif vectors_file:
+        # The features share the token embedding and so one vocabulary; their names depend on the task
+        # kind (inputs / targets, a preference pair's answers), hence the first one's.
+        vocabulary = next(iter(train_features.values())).vocabulary
         params = word_vectors.with_word_vectors(params, program.model.config, vocab.pieces(vocabulary))
     state = init.state_from_params(params, jax.random.PRNGKey(run.seed))
     return state.replace(step=jax.device_put(jnp.int32(program.initial_step), init.state_shardings.step))
@@ -414,7 +417,7 @@ def train(run: TrainConfig) -> TrainResult:
                                     keep=run.checkpoints.keep, best_metric=run.checkpoints.best_metric,
                                     best_mode=run.checkpoints.best_mode, checksums=run.checkpoints.checksums,
                                     bytes_per_save=_bytes(program.init.abstract_state))
-    state = restore_or_init(run, program, ckpt, train_batches, train_features["targets"].vocabulary)
+    state = restore_or_init(run, program, ckpt, train_batches, train_features)
 
     # --- Evaluation and outputs ---------------------------------------------------------------------
     # A resumed run re-runs the steps after its checkpoint: their rows of the attempt that crashed move
