@@ -23,7 +23,7 @@ What is changed before a command runs, and why:
 - `launch/` and `bench/` scripts are found in the repo.
 - A command that shards over more devices than a CPU has (`make_mesh.*=4`) runs on 8 simulated
   devices.
-The input files a user would bring are written first (FIXTURES: prompts.txt, reviews.jsonl, raw.txt.gz).
+The input files a user would bring are written first (FIXTURES: prompts.txt, raw.txt.gz).
 
 Not run here, and why (each also parsed by tests/test_docs.py):
 - blocks marked tpu, gpu, download, files or cloud (a TPU VM, a GPU, a Hugging Face download, a file the
@@ -65,8 +65,6 @@ SHRINK_WATCH = ["--gin.evaluate.watch_interval_s=0.5", "--gin.evaluate.watch_tim
 NOT_RUN_NEEDS = {"tpu", "gpu", "download", "files", "cloud"}
 FIXTURES = {
     "prompts.txt": "The quick brown fox\nA summary of the play:\nTo be or not to be\n",
-    "reviews.jsonl": '{"sentence": "a gripping and sensitive portrait of a family", "label": "positive"}\n'
-                     '{"sentence": "the plot is thin and the jokes fall flat", "label": "negative"}\n',
 }
 RAW_TEXT = ("<p>The Tragedy of Hamlet, Prince of Denmark, is a play by William Shakespeare.</p>\n"
             "Click here to accept cookies\n"

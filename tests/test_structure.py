@@ -19,7 +19,7 @@ PACKAGE = os.path.join(REPO, "t5lite")
 CORE = ("t5lite.model.models", "t5lite.model.decoding", "t5lite.trainer", "t5lite.partitioning", "t5lite.optim",
         "t5lite.peft", "t5lite.adaptation", "t5lite.checkpoints", "t5lite.run_config")
 # The corpus tools start without TensorFlow, seqio or jax.
-CORPUS_TOOLS = ("t5lite.data.dedup", "t5lite.data.cleaning", "t5lite.data.augment")
+CORPUS_TOOLS = ("t5lite.data.dedup", "t5lite.data.cleaning")
 
 
 def _modules() -> dict[str, str]:
